@@ -1,0 +1,29 @@
+"""zllm: a multi-process LLM inference engine with vLLM's API.
+
+from zllm import AsyncLLM, LLM, AsyncEngineArgs, EngineArgs, SamplingParams, RequestOutputKind
+"""
+
+from zllm.frontend.async_llm import AsyncLLM
+from zllm.frontend.errors import EngineDeadError, EngineStartupError
+from zllm.frontend.llm import LLM
+from zllm.frontend.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from zllm.protocol.config import AsyncEngineArgs, EngineArgs, ModelConfig
+from zllm.protocol.sampling_params import RequestOutputKind, SamplingParams
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AsyncEngineArgs",
+    "AsyncLLM",
+    "CompletionOutput",
+    "EngineArgs",
+    "EngineDeadError",
+    "EngineStartupError",
+    "LLM",
+    "Logprob",
+    "ModelConfig",
+    "RequestMetrics",
+    "RequestOutput",
+    "RequestOutputKind",
+    "SamplingParams",
+]

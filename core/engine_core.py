@@ -1,0 +1,203 @@
+"""The engine's step: schedule -> execute -> update, with no sockets and no threads.
+
+`core/server.py` wraps this in the process that talks to frontends; tests can drive it
+directly.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from zllm.core.executor import Executor
+from zllm.core.kv_cache_manager import KVCacheManager
+from zllm.core.request import Request
+from zllm.core.scheduler import ScheduledStep, Scheduler
+from zllm.protocol.config import EngineArgs, ModelConfig
+from zllm.protocol.messages import AddRequest, RequestUpdate, SchedulerStats
+from zllm.protocol.worker_messages import ExecuteModel, NewRequest, ScheduledChunk
+
+logger = logging.getLogger(__name__)
+
+
+class EngineCore:
+    def __init__(
+        self, engine_args: EngineArgs, model_config: ModelConfig, executor: Executor
+    ) -> None:
+        self.engine_args = engine_args
+        self.model_config = model_config
+        self.executor = executor
+        self.max_num_batched_tokens = engine_args.resolved_max_num_batched_tokens(
+            model_config.max_model_len
+        )
+        if (
+            not engine_args.enable_chunked_prefill
+            and self.max_num_batched_tokens < model_config.max_model_len
+        ):
+            raise ValueError(
+                f"max_num_batched_tokens={self.max_num_batched_tokens} is smaller than "
+                f"max_model_len={model_config.max_model_len}; enable chunked prefill or raise it"
+            )
+        self.kv = KVCacheManager(
+            executor.num_kv_blocks, engine_args.block_size, engine_args.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(
+            self.kv,
+            max_num_seqs=engine_args.max_num_seqs,
+            max_num_batched_tokens=self.max_num_batched_tokens,
+            enable_chunked_prefill=engine_args.enable_chunked_prefill,
+        )
+        self.sleeping_level = 0
+        logger.info(
+            "KV cache: %d blocks of %d tokens (%d tokens); max concurrency at %d tokens/request: %.1fx",
+            self.kv.num_blocks,
+            self.kv.block_size,
+            self.kv.num_blocks * self.kv.block_size,
+            model_config.max_model_len,
+            self.kv.num_blocks * self.kv.block_size / model_config.max_model_len,
+        )
+
+    @staticmethod
+    def request_key(client: bytes, request_id: str) -> str:
+        return f"{client.hex()}/{request_id}"
+
+    # ---- requests ------------------------------------------------------------------------
+
+    def add_request(self, client: bytes, message: AddRequest) -> RequestUpdate | None:
+        """Queue a request; a refusal comes back as a finished update carrying the error."""
+        key = self.request_key(client, message.request_id)
+        error = self._admission_error(key, message)
+        if error is not None:
+            return RequestUpdate(
+                request_id=message.request_id, new_token_ids=[], finish_reason="error", error=error
+            )
+        self.scheduler.add(
+            Request(
+                key=key,
+                client=client,
+                request_id=message.request_id,
+                prompt_token_ids=message.prompt_token_ids,
+                sampling_params=message.sampling_params,
+                eos_token_ids=self.model_config.eos_token_ids,
+                max_model_len=self.model_config.max_model_len,
+            )
+        )
+        return None
+
+    def _admission_error(self, key: str, message: AddRequest) -> str | None:
+        n = len(message.prompt_token_ids)
+        max_len = self.model_config.max_model_len
+        if key in self.scheduler.requests:
+            return f"request id {message.request_id!r} is already running"
+        if n == 0:
+            return "the prompt is empty"
+        if n >= max_len:
+            return f"the prompt has {n} tokens; max_model_len={max_len} leaves no room to generate"
+        vocab = self.model_config.vocab_size
+        if any(t < 0 or t >= vocab for t in message.prompt_token_ids):
+            return f"prompt token ids must be in [0, {vocab})"
+        max_tokens = message.sampling_params.max_tokens or (max_len - n)
+        needed = self.kv.blocks_needed(min(n + max_tokens, max_len))
+        if needed > self.kv.num_blocks:
+            return (
+                f"the request needs {needed} KV blocks (prompt {n} + max_tokens {max_tokens}) "
+                f"but the whole cache has {self.kv.num_blocks}"
+            )
+        return None
+
+    def abort(self, keys: list[str]) -> list[Request]:
+        aborted = []
+        for key in keys:
+            request = self.scheduler.requests.get(key)
+            if request is not None:
+                self.scheduler.finish(request, "abort")
+                aborted.append(request)
+        return aborted
+
+    def abort_client(self, client: bytes) -> list[Request]:
+        return self.abort([r.key for r in self.scheduler.requests.values() if r.client == client])
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work() and self.sleeping_level == 0
+
+    # ---- the step --------------------------------------------------------------------------
+
+    def step(self) -> list[tuple[bytes, RequestUpdate]]:
+        """Run one step; return (client, update) for every request that got a token or finished."""
+        step = self.scheduler.schedule()
+        if not step.requests:
+            return []
+        output = self.executor.execute_model(self._to_worker(step))
+        sampled = dict(zip(output.request_ids, output.sampled_token_ids))
+        logprobs = dict(zip(output.request_ids, output.logprobs)) if output.logprobs else {}
+        self.scheduler.update(step, sampled)
+        updates = []
+        for request in step.requests:
+            token = sampled.get(request.key)
+            if token is None:
+                continue
+            update = RequestUpdate(
+                request_id=request.request_id,
+                new_token_ids=[token],
+                finish_reason=request.finish_reason,
+                stop_reason=request.stop_reason,
+                new_logprobs=logprobs.get(request.key),
+                prompt_logprobs=output.prompt_logprobs.get(request.key),
+                num_cached_tokens=max(request.num_cached_tokens, 0),
+            )
+            updates.append((request.client, update))
+        return updates
+
+    def _to_worker(self, step: ScheduledStep) -> ExecuteModel:
+        chunks = []
+        for request, n in zip(step.requests, step.num_tokens):
+            start = request.num_computed_tokens
+            chunks.append(
+                ScheduledChunk(
+                    request_id=request.key,
+                    token_ids=request.token_ids[start : start + n],
+                    start=start,
+                    block_ids=self.kv.block_ids(request),
+                    sample=start + n == request.num_tokens,
+                )
+            )
+        new = [
+            NewRequest(
+                request_id=r.key,
+                prompt_token_ids=r.prompt_token_ids,
+                sampling_params=r.sampling_params,
+            )
+            for r in step.new_requests
+        ]
+        return ExecuteModel(
+            new_requests=new, chunks=chunks, finished_request_ids=step.finished_keys
+        )
+
+    def stats(self) -> SchedulerStats:
+        return self.scheduler.stats()
+
+    # ---- utilities (called by name from frontends) ----------------------------------------------
+
+    def reset_prefix_cache(self) -> bool:
+        return self.kv.reset_prefix_cache()
+
+    def sleep(self, level: int = 1) -> None:
+        if level not in (1, 2):
+            raise ValueError(f"sleep level must be 1 or 2, got {level}")
+        if self.scheduler.running:
+            # Running requests would lose their KV: send them back to recompute after wake-up.
+            for request in list(reversed(self.scheduler.running)):
+                self.scheduler.preempt(request)
+        self.kv.reset_prefix_cache()
+        self.executor.collective_rpc("sleep", level)
+        self.sleeping_level = level
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        self.executor.collective_rpc("wake_up", tags)
+        if tags is None or "kv_cache" in tags:
+            self.sleeping_level = 0
+
+    def is_sleeping(self) -> bool:
+        return self.sleeping_level > 0
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()

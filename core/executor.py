@@ -1,0 +1,41 @@
+"""How engine-core reaches its workers: the interface, and which implementation to use."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+from zllm.protocol.config import EngineArgs, ModelConfig
+from zllm.protocol.worker_messages import ExecuteModel, ModelOutput
+
+
+class WorkerDiedError(RuntimeError):
+    """A worker process exited or reported a failure; the engine cannot go on."""
+
+
+class Executor(ABC):
+    num_kv_blocks: int
+
+    @abstractmethod
+    def execute_model(self, step: ExecuteModel) -> ModelOutput: ...
+
+    @abstractmethod
+    def collective_rpc(self, method: str, *args: Any) -> list[Any]:
+        """Call a worker method on every rank; return each rank's result."""
+
+    @abstractmethod
+    def check_health(self) -> None:
+        """Raise `WorkerDiedError` if a worker is gone."""
+
+    @abstractmethod
+    def shutdown(self) -> None: ...
+
+
+def create_executor(engine_args: EngineArgs, model_config: ModelConfig) -> Executor:
+    if engine_args.distributed_executor_backend == "uni":
+        from zllm.core.uniproc_executor import UniprocExecutor
+
+        return UniprocExecutor(engine_args, model_config)
+    from zllm.core.multiproc_executor import MultiprocExecutor
+
+    return MultiprocExecutor(engine_args, model_config)

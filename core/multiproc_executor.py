@@ -1,0 +1,165 @@
+"""One worker process per rank, driven over a private ROUTER socket.
+
+Every step goes to all ranks; rank 0 answers. While waiting, the core polls in short
+slices and checks that every worker is alive, so a dead worker becomes an error within
+a fraction of a second instead of a hang.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import socket
+import subprocess
+import sys
+import time
+from typing import Any
+
+import msgspec
+import zmq
+
+from zllm.core.executor import Executor, WorkerDiedError
+from zllm.protocol.config import EngineArgs, ModelConfig
+from zllm.protocol.process import private_ipc_address, remove_socket_file, restrict_socket_file
+from zllm.protocol.worker_messages import (
+    ExecuteModel,
+    ModelOutput,
+    WorkerCall,
+    WorkerFailed,
+    WorkerHello,
+    WorkerReply,
+    WorkerToCore,
+    decode_for_core,
+    encode,
+)
+
+logger = logging.getLogger(__name__)
+
+POLL_MS = 100
+
+
+class MultiprocExecutor(Executor):
+    def __init__(self, engine_args: EngineArgs, model_config: ModelConfig) -> None:
+        self.world_size = engine_args.tensor_parallel_size
+        self.address, _ = private_ipc_address("workers")
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.bind(self.address)
+        restrict_socket_file(self.address)
+        self.call_ids = itertools.count()
+        self.procs: list[subprocess.Popen] = []
+        self.identities = [rank.to_bytes(2, "little") for rank in range(self.world_size)]
+        self._closed = False
+        try:
+            self._start_workers(engine_args, model_config)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _start_workers(self, engine_args: EngineArgs, model_config: ModelConfig) -> None:
+        dist_init = ""
+        if self.world_size > 1:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                dist_init = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+        config_json = msgspec.json.encode((engine_args, model_config))
+        for rank in range(self.world_size):
+            proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "zllm.worker.main",
+                    self.address,
+                    str(rank),
+                    str(self.world_size),
+                    dist_init,
+                ],
+                stdin=subprocess.PIPE,
+            )
+            proc.stdin.write(config_json)
+            proc.stdin.close()
+            self.procs.append(proc)
+        hellos: dict[int, WorkerHello] = {}
+        while len(hellos) < self.world_size:
+            message = self._recv(None)
+            if isinstance(message, WorkerHello):
+                hellos[message.rank] = message
+        self.pids = [hellos[r].pid for r in range(self.world_size)]
+        self.num_kv_blocks = min(h.num_kv_blocks for h in hellos.values())
+        if self.num_kv_blocks <= 0:
+            raise RuntimeError("no memory left for the KV cache after loading the model")
+        self.collective_rpc("init_kv_cache", self.num_kv_blocks)
+
+    def _recv(self, timeout_s: float | None) -> WorkerToCore:
+        """Next message from any worker; raises if a worker died or failed."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            if self.sock.poll(POLL_MS):
+                _, frame = self.sock.recv_multipart()
+                try:
+                    message = decode_for_core(frame)
+                except msgspec.MsgspecError as e:
+                    logger.error("dropping an undecodable frame from a worker: %s", e)
+                    continue
+                if isinstance(message, WorkerFailed):
+                    raise WorkerDiedError(f"worker rank {message.rank} failed: {message.error}")
+                return message
+            self.check_health()
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError("workers did not answer in time")
+
+    def _send_all(self, message: msgspec.Struct) -> None:
+        frame = encode(message)
+        for identity in self.identities:
+            self.sock.send_multipart([identity, frame], copy=False)
+
+    def execute_model(self, step: ExecuteModel) -> ModelOutput:
+        self._send_all(step)
+        while True:
+            message = self._recv(None)
+            if isinstance(message, ModelOutput):
+                return message
+            logger.warning("unexpected %s while waiting for a step", type(message).__name__)
+
+    def collective_rpc(self, method: str, *args: Any) -> list[Any]:
+        call_id = next(self.call_ids)
+        self._send_all(WorkerCall(call_id=call_id, method=method, args=list(args)))
+        replies: dict[int, WorkerReply] = {}
+        while len(replies) < self.world_size:
+            message = self._recv(None)
+            if isinstance(message, WorkerReply) and message.call_id == call_id:
+                replies[message.rank] = message
+        errors = [r.error for r in replies.values() if r.error]
+        if errors:
+            raise RuntimeError(errors[0])
+        return [replies[r].result for r in range(self.world_size)]
+
+    def check_health(self) -> None:
+        for rank, proc in enumerate(self.procs):
+            code = proc.poll()
+            if code is not None:
+                raise WorkerDiedError(
+                    f"worker rank {rank} (pid {proc.pid}) exited with code {code}"
+                    + (" (killed by a signal)" if code < 0 else "")
+                )
+
+    def shutdown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if all(p.poll() is None for p in self.procs) and self.procs:
+            try:
+                self._send_all(WorkerCall(call_id=next(self.call_ids), method="shutdown"))
+            except zmq.ZMQError:
+                pass
+        deadline = time.monotonic() + 5
+        for proc in self.procs:
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.sock.close(0)
+        self.ctx.term()
+        remove_socket_file(self.address)

@@ -1,0 +1,73 @@
+"""A request as the scheduler sees it: token ids, progress, status."""
+
+from __future__ import annotations
+
+import enum
+
+from zllm.protocol.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"
+    FINISHED = "finished"
+
+
+class Request:
+    """One sequence. `key` is unique across clients: (client identity, client's request id)."""
+
+    def __init__(
+        self,
+        key: str,
+        client: bytes,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling_params: SamplingParams,
+        eos_token_ids: list[int],
+        max_model_len: int,
+    ) -> None:
+        self.key = key
+        self.client = client
+        self.request_id = request_id
+        self.prompt_token_ids = prompt_token_ids
+        self.sampling_params = sampling_params
+        self.token_ids: list[int] = list(prompt_token_ids)  # prompt, then generated tokens
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.num_computed_tokens = 0  # tokens whose KV is in the cache
+        self.num_cached_tokens = -1  # prefix-cache hit on first admission (-1: not admitted yet)
+        self.status = RequestStatus.WAITING
+        self.sent_to_worker = False
+        self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None
+        limit = max_model_len - self.num_prompt_tokens
+        self.max_tokens = min(sampling_params.max_tokens or limit, limit)
+        self.stop_ids = set(sampling_params.stop_token_ids or [])
+        if not sampling_params.ignore_eos:
+            self.eos_ids = set(eos_token_ids)
+        else:
+            self.eos_ids = set()
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    def append_token(self, token_id: int) -> bool:
+        """Add a sampled token; return True when it finishes the request."""
+        self.token_ids.append(token_id)
+        n = self.num_output_tokens
+        if n >= self.sampling_params.min_tokens:
+            if token_id in self.eos_ids:
+                self.finish_reason, self.stop_reason = "stop", None
+                return True
+            if token_id in self.stop_ids:
+                self.finish_reason, self.stop_reason = "stop", token_id
+                return True
+        if n >= self.max_tokens:
+            self.finish_reason = "length"
+            return True
+        return False

@@ -1,0 +1,172 @@
+"""Continuous batching: which tokens of which requests run in the next step.
+
+Every request is a list of token ids and a count of those already computed; a step gives
+each scheduled request a chunk of its uncomputed tokens. A decode is a chunk of one, a
+prompt may be split over several steps (chunked prefill), and a preempted request simply
+starts again from zero computed tokens (recompute), keeping what it generated.
+Running requests go first (decodes before new prefills), then waiting ones in arrival order.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from zllm.core.kv_cache_manager import KVCacheManager
+from zllm.core.request import Request, RequestStatus
+from zllm.protocol.messages import SchedulerStats
+
+
+@dataclass
+class ScheduledStep:
+    """The scheduler's decision for one step, in execution order."""
+
+    requests: list[Request] = field(default_factory=list)
+    num_tokens: list[int] = field(default_factory=list)  # tokens to compute per request
+    new_requests: list[Request] = field(default_factory=list)  # first time the worker sees them
+    finished_keys: list[str] = field(default_factory=list)  # the workers may drop their state
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.num_tokens)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        kv: KVCacheManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        enable_chunked_prefill: bool,
+    ) -> None:
+        self.kv = kv
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.enable_chunked_prefill = enable_chunked_prefill
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []  # in admission order: the last is preempted first
+        self.requests: dict[str, Request] = {}
+        self._finished_keys: list[str] = []
+        self.num_preemptions = 0
+        self.num_prefill_tokens = 0
+        self.num_steps = 0
+        self._last_scheduled_tokens = 0
+
+    # ---- requests in and out -------------------------------------------------------------
+
+    def add(self, request: Request) -> None:
+        self.requests[request.key] = request
+        self.waiting.append(request)
+
+    def finish(self, request: Request, reason: str) -> None:
+        """End a request (finished or aborted) and return its blocks."""
+        if request.status == RequestStatus.FINISHED:
+            return
+        if request.status == RequestStatus.RUNNING:
+            self.running.remove(request)
+        else:
+            self.waiting.remove(request)
+        request.status = RequestStatus.FINISHED
+        request.finish_reason = request.finish_reason or reason
+        self.kv.free(request)
+        del self.requests[request.key]
+        if request.sent_to_worker:
+            self._finished_keys.append(request.key)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- one step ------------------------------------------------------------------------
+
+    def schedule(self) -> ScheduledStep:
+        step = ScheduledStep(finished_keys=self._finished_keys)
+        self._finished_keys = []
+        budget = self.max_num_batched_tokens
+        preempted = False
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            n = min(request.num_tokens - request.num_computed_tokens, budget)
+            while not self.kv.allocate_slots(request, n):
+                victim = self.running[-1]
+                self.preempt(victim)
+                preempted = True
+                if victim is request:
+                    break
+            else:
+                step.requests.append(request)
+                step.num_tokens.append(n)
+                budget -= n
+                i += 1
+
+        while (
+            self.waiting and budget > 0 and not preempted and len(self.running) < self.max_num_seqs
+        ):
+            request = self.waiting[0]
+            computed, num_cached = self.kv.get_computed_blocks(request)
+            n = request.num_tokens - num_cached
+            if n > budget:
+                if not self.enable_chunked_prefill:
+                    break
+                n = budget
+            if not self.kv.allocate_slots(request, n, computed):
+                break
+            self.waiting.popleft()
+            request.num_computed_tokens = num_cached
+            if request.num_cached_tokens < 0:
+                request.num_cached_tokens = num_cached
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            if not request.sent_to_worker:
+                request.sent_to_worker = True
+                step.new_requests.append(request)
+            step.requests.append(request)
+            step.num_tokens.append(n)
+            budget -= n
+
+        if not step.requests:  # nothing runs: tell the workers next time
+            self._finished_keys, step.finished_keys = step.finished_keys, []
+        self.num_steps += bool(step.requests)
+        self._last_scheduled_tokens = step.total_tokens
+        for request, n in zip(step.requests, step.num_tokens):
+            done = request.num_computed_tokens
+            self.num_prefill_tokens += max(0, min(done + n, request.num_prompt_tokens) - done)
+        return step
+
+    def preempt(self, request: Request) -> None:
+        """Free a running request's blocks; it waits at the front and recomputes later."""
+        self.running.remove(request)
+        self.kv.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        self.waiting.appendleft(request)
+        self.num_preemptions += 1
+
+    def update(self, step: ScheduledStep, sampled: dict[str, int]) -> list[Request]:
+        """Advance computed counts, append sampled tokens; return the requests that finished."""
+        finished = []
+        for request, n in zip(step.requests, step.num_tokens):
+            if request.status != RequestStatus.RUNNING:
+                continue
+            request.num_computed_tokens += n
+            token = sampled.get(request.key)
+            if token is not None and request.append_token(token):
+                finished.append(request)
+        for request in finished:
+            self.finish(request, request.finish_reason or "stop")
+        return finished
+
+    def stats(self) -> SchedulerStats:
+        return SchedulerStats(
+            num_running=len(self.running),
+            num_waiting=len(self.waiting),
+            kv_blocks_used=self.kv.num_used_blocks,
+            kv_blocks_total=self.kv.num_blocks,
+            prefix_cache_queries=self.kv.prefix_queries,
+            prefix_cache_hits=self.kv.prefix_hits,
+            num_preemptions=self.num_preemptions,
+            num_scheduled_tokens=self._last_scheduled_tokens,
+            num_prefill_tokens=self.num_prefill_tokens,
+            num_steps=self.num_steps,
+        )

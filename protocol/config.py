@@ -1,0 +1,192 @@
+"""Engine configuration: what the user asks for (`EngineArgs`) and what the model is (`ModelConfig`).
+
+Both cross process boundaries (frontend -> engine-core -> workers), so they are
+msgspec Structs: the core receives the exact arguments the user passed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import msgspec
+
+DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
+
+
+class EngineArgs(msgspec.Struct, kw_only=True):
+    """Every engine option, as keywords (vLLM's names)."""
+
+    model: str | None = None  # None or "smollm2-135m-instruct" -> the default model
+    tokenizer: str | None = None
+    dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
+    device: str = "auto"  # auto: cuda if available, else cpu
+    seed: int = 0
+    max_model_len: int | None = None
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    max_num_batched_tokens: int | None = None
+    max_num_seqs: int = 256
+    kv_cache_memory_bytes: int | None = None
+    gpu_memory_utilization: float = 0.9
+    tensor_parallel_size: int = 1
+    distributed_executor_backend: str = "mp"  # "mp": one worker process per rank; "uni": in-process
+    enforce_eager: bool = False
+    trust_remote_code: bool = False
+    engine_core_address: str | None = (
+        None  # connect to a running `zllm engine-core` instead of spawning one
+    )
+    disable_log_stats: bool = True
+    skip_tokenizer_init: bool = False
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.distributed_executor_backend not in ("mp", "uni"):
+            raise ValueError(
+                "distributed_executor_backend must be 'mp' or 'uni', "
+                f"got {self.distributed_executor_backend!r}"
+            )
+        if self.distributed_executor_backend == "uni" and self.tensor_parallel_size > 1:
+            raise ValueError(
+                "distributed_executor_backend='uni' runs one rank; use 'mp' for tensor parallelism"
+            )
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(
+                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def resolved_dtype(self, device: str) -> str:
+        if self.dtype != "auto":
+            return self.dtype
+        return "bfloat16" if device.startswith("cuda") else "float32"
+
+    def resolved_max_num_batched_tokens(self, max_model_len: int) -> int:
+        if self.max_num_batched_tokens is not None:
+            return self.max_num_batched_tokens
+        if self.enable_chunked_prefill:
+            return 2048
+        return max(max_model_len, 2048)
+
+
+class AsyncEngineArgs(EngineArgs, kw_only=True):
+    """The same options, for `AsyncLLM.from_engine_args` (vLLM keeps two names)."""
+
+
+class ModelConfig(msgspec.Struct, kw_only=True):
+    """What the engine knows of a checkpoint, read from its `config.json` (no transformers needed)."""
+
+    path: str
+    tokenizer: str
+    architecture: str
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool
+    qk_norm: bool
+    eos_token_ids: list[int]
+    max_model_len: int
+    dtype: str = "float32"
+
+    @classmethod
+    def from_path(
+        cls, path: str, tokenizer: str | None = None, max_model_len: int | None = None
+    ) -> ModelConfig:
+        config_file = Path(path) / "config.json"
+        if not config_file.is_file():
+            raise FileNotFoundError(
+                f"model path {path!r} is not a checkpoint directory (no config.json there)"
+            )
+        raw = json.loads(config_file.read_text())
+        raw = {**raw.get("text_config", {}), **raw}
+        architecture = (raw.get("architectures") or [_arch_from_type(raw.get("model_type", ""))])[0]
+        heads = raw["num_attention_heads"]
+        rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+        rope_theta = raw.get("rope_theta", rope.get("rope_theta", 10000.0))
+        rope_scaling = {k: v for k, v in rope.items() if k != "rope_theta"} or None
+        if (
+            rope_scaling is not None
+            and rope_scaling.get("rope_type", rope_scaling.get("type")) == "default"
+        ):
+            rope_scaling = None
+        eos = _eos_ids(Path(path), raw)
+        max_pos = raw.get("max_position_embeddings", 2048)
+        if max_model_len is not None and max_model_len > max_pos:
+            raise ValueError(
+                f"max_model_len={max_model_len} is larger than the model's "
+                f"max_position_embeddings={max_pos}"
+            )
+        return cls(
+            path=str(path),
+            tokenizer=str(tokenizer or path),
+            architecture=architecture,
+            model_type=raw.get("model_type", ""),
+            vocab_size=raw["vocab_size"],
+            hidden_size=raw["hidden_size"],
+            intermediate_size=raw["intermediate_size"],
+            num_hidden_layers=raw["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=raw.get("num_key_value_heads") or heads,
+            head_dim=raw.get("head_dim") or raw["hidden_size"] // heads,
+            rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
+            rope_theta=float(rope_theta),
+            rope_scaling=rope_scaling,
+            max_position_embeddings=max_pos,
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            attention_bias=bool(raw.get("attention_bias", architecture == "Qwen2ForCausalLM")),
+            qk_norm=architecture == "Qwen3ForCausalLM",
+            eos_token_ids=eos,
+            max_model_len=max_model_len or max_pos,
+        )
+
+
+def _arch_from_type(model_type: str) -> str:
+    return {
+        "llama": "LlamaForCausalLM",
+        "mistral": "MistralForCausalLM",
+        "qwen2": "Qwen2ForCausalLM",
+        "qwen3": "Qwen3ForCausalLM",
+    }.get(model_type, model_type)
+
+
+def _eos_ids(path: Path, raw: dict) -> list[int]:
+    """EOS ids from config.json and generation_config.json (either may hold a list)."""
+    ids: list[int] = []
+    sources = [raw]
+    gen = path / "generation_config.json"
+    if gen.is_file():
+        sources.append(json.loads(gen.read_text()))
+    for source in sources:
+        value = source.get("eos_token_id")
+        for token in value if isinstance(value, list) else [value]:
+            if isinstance(token, int) and token not in ids:
+                ids.append(token)
+    return ids
+
+
+def cache_dir() -> Path:
+    """Where zllm keeps converted models (`$ZLLM_CACHE`, default ~/.cache/zllm)."""
+    return Path(os.environ.get("ZLLM_CACHE", Path.home() / ".cache" / "zllm"))

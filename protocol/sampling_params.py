@@ -1,0 +1,110 @@
+"""Sampling parameters: vLLM's names, defaults and validation, as a msgspec Struct.
+
+The same object is validated in the frontend and sent as-is inside `AddRequest`,
+so the engine never sees a value the user was not told about.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import msgspec
+
+
+class RequestOutputKind(enum.IntEnum):
+    """What each streamed `RequestOutput` carries."""
+
+    CUMULATIVE = 0  # all text and tokens so far
+    DELTA = 1  # only what is new since the last output
+    FINAL_ONLY = 2  # one output, when the request finishes
+
+
+_EPS = 1e-5
+
+
+class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True, dict=False):
+    """How to sample one request. Raises `ValueError` naming the field on bad values."""
+
+    n: int = 1
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    detokenize: bool = True
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    logit_bias: dict[int, float] | None = None
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if self.stop is not None:
+            self.stop = [s for s in self.stop if s]
+        if self.logit_bias is not None:
+            self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
+        if self.top_k == -1:
+            self.top_k = 0
+        self._verify()
+
+    def _verify(self) -> None:
+        def bad(field: str, rule: str, value: object) -> ValueError:
+            return ValueError(f"SamplingParams.{field} {rule}, got {value!r}")
+
+        if not isinstance(self.n, int) or self.n < 1:
+            raise bad("n", "must be an integer >= 1", self.n)
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not -2.0 <= value <= 2.0:
+                raise bad(name, "must be in [-2, 2]", value)
+        if not self.repetition_penalty > 0.0:
+            raise bad("repetition_penalty", "must be > 0", self.repetition_penalty)
+        if not self.temperature >= 0.0:
+            raise bad("temperature", "must be >= 0 (0 means greedy)", self.temperature)
+        if not 0.0 < self.top_p <= 1.0:
+            raise bad("top_p", "must be in (0, 1]", self.top_p)
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise bad("top_k", "must be 0 or -1 (off) or a positive integer", self.top_k)
+        if not 0.0 <= self.min_p <= 1.0:
+            raise bad("min_p", "must be in [0, 1]", self.min_p)
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise bad(
+                "max_tokens", "must be >= 1 (or None for up to max_model_len)", self.max_tokens
+            )
+        if self.min_tokens < 0:
+            raise bad("min_tokens", "must be >= 0", self.min_tokens)
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise bad("min_tokens", f"must be <= max_tokens={self.max_tokens}", self.min_tokens)
+        if self.logprobs is not None and self.logprobs < 0:
+            raise bad("logprobs", "must be >= 0", self.logprobs)
+        if self.prompt_logprobs is not None and self.prompt_logprobs < 0:
+            raise bad("prompt_logprobs", "must be >= 0", self.prompt_logprobs)
+        if self.seed is not None and not isinstance(self.seed, int):
+            raise bad("seed", "must be an integer or None", self.seed)
+        if self.stop_token_ids is not None and any(t < 0 for t in self.stop_token_ids):
+            raise bad("stop_token_ids", "must be non-negative token ids", self.stop_token_ids)
+        if self.stop and not self.detokenize:
+            raise bad("stop", "needs detokenize=True", self.stop)
+        if self.logit_bias is not None:
+            for value in self.logit_bias.values():
+                if not -100.0 <= value <= 100.0:
+                    raise bad("logit_bias", "values must be in [-100, 100]", value)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < _EPS
+
+    def clone(self, **changes: object) -> SamplingParams:
+        return msgspec.structs.replace(self, **changes)

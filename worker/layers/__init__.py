@@ -1,0 +1,1 @@
+"""Model building blocks written for paged attention and tensor parallelism."""

@@ -1,0 +1,132 @@
+"""Paged attention in plain torch (runs on CPU and CUDA).
+
+The KV cache of a layer is `[2, num_blocks, block_size, kv_heads, head_dim]`. Each step
+first writes the batch's new K/V into their slots, then every query attends to its own
+sequence's blocks. Decodes (one query each) run as one batched call; prompt chunks run one
+call each, with a causal mask offset by the tokens already cached.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PrefillSeq:
+    """A chunk of more than one token: rows [start, end) of the batch, context length `ctx_len`."""
+
+    start: int
+    end: int
+    ctx_len: int
+    block_ids: torch.Tensor  # [num_blocks] covering ctx_len
+    mask: torch.Tensor | None  # None when the chunk is the whole context (plain causal)
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] flat slot of each new token
+    decode_rows: torch.Tensor | None  # [Bd] batch rows of single-token chunks
+    decode_block_table: torch.Tensor | None  # [Bd, max_blocks]
+    decode_mask: torch.Tensor | None  # [Bd, 1, 1, max_ctx] True where a key is visible
+    prefills: list[PrefillSeq]
+
+    @classmethod
+    def build(
+        cls,
+        chunks: list[tuple[int, int, list[int]]],
+        block_size: int,
+        device: torch.device,
+    ) -> AttentionMetadata:
+        """`chunks`: (start position, number of new tokens, block ids) per sequence, in batch order."""
+        slots: list[int] = []
+        decode_rows: list[int] = []
+        decode_tables: list[list[int]] = []
+        decode_lens: list[int] = []
+        prefills: list[PrefillSeq] = []
+        row = 0
+        for start, n, block_ids in chunks:
+            for pos in range(start, start + n):
+                slots.append(block_ids[pos // block_size] * block_size + pos % block_size)
+            ctx = start + n
+            used = block_ids[: -(-ctx // block_size)]
+            if n == 1:
+                decode_rows.append(row)
+                decode_tables.append(used)
+                decode_lens.append(ctx)
+            else:
+                mask = None
+                if start > 0:
+                    q_pos = torch.arange(start, ctx, device=device).unsqueeze(1)
+                    mask = torch.arange(ctx, device=device).unsqueeze(0) <= q_pos
+                prefills.append(
+                    PrefillSeq(
+                        row, row + n, ctx, torch.tensor(used, dtype=torch.long, device=device), mask
+                    )
+                )
+            row += n
+        decode_rows_t = decode_table = decode_mask = None
+        if decode_rows:
+            width = max(len(t) for t in decode_tables)
+            padded = [t + [0] * (width - len(t)) for t in decode_tables]
+            decode_rows_t = torch.tensor(decode_rows, dtype=torch.long, device=device)
+            decode_table = torch.tensor(padded, dtype=torch.long, device=device)
+            lens = torch.tensor(decode_lens, device=device)
+            decode_mask = (torch.arange(width * block_size, device=device) < lens.unsqueeze(1))[
+                :, None, None, :
+            ]
+        return cls(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
+            decode_rows=decode_rows_t,
+            decode_block_table=decode_table,
+            decode_mask=decode_mask,
+            prefills=prefills,
+        )
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """q: [T, Hq, D]; k, v: [T, Hkv, D]. Returns [T, Hq, D]."""
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    num_kv_heads = k.shape[1]
+    gqa = num_heads != num_kv_heads
+    k_cache, v_cache = kv_cache[0], kv_cache[1]
+    block_size = k_cache.shape[1]
+    k_cache.view(-1, num_kv_heads, head_dim)[meta.slot_mapping] = k
+    v_cache.view(-1, num_kv_heads, head_dim)[meta.slot_mapping] = v
+    out = torch.empty_like(q)
+
+    for seq in meta.prefills:
+        qs = q[seq.start : seq.end].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
+        if seq.mask is None:
+            ks = k[seq.start : seq.end]
+            vs = v[seq.start : seq.end]
+        else:
+            ks = k_cache[seq.block_ids].reshape(-1, num_kv_heads, head_dim)[: seq.ctx_len]
+            vs = v_cache[seq.block_ids].reshape(-1, num_kv_heads, head_dim)[: seq.ctx_len]
+        ks = ks.transpose(0, 1).unsqueeze(0)
+        vs = vs.transpose(0, 1).unsqueeze(0)
+        o = F.scaled_dot_product_attention(
+            qs, ks, vs, attn_mask=seq.mask, is_causal=seq.mask is None, scale=scale, enable_gqa=gqa
+        )
+        out[seq.start : seq.end] = o.squeeze(0).transpose(0, 1)
+
+    if meta.decode_rows is not None:
+        table = meta.decode_block_table
+        bd, width = table.shape
+        qd = q[meta.decode_rows].unsqueeze(2)  # [Bd, H, 1, D]
+        kd = k_cache[table].view(bd, width * block_size, num_kv_heads, head_dim).transpose(1, 2)
+        vd = v_cache[table].view(bd, width * block_size, num_kv_heads, head_dim).transpose(1, 2)
+        o = F.scaled_dot_product_attention(
+            qd, kd, vd, attn_mask=meta.decode_mask, scale=scale, enable_gqa=gqa
+        )
+        out[meta.decode_rows] = o.squeeze(2)
+    return out

@@ -1,0 +1,61 @@
+"""Build a model and fill it from a Hugging Face safetensors checkpoint (sharded or not)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from tqdm import tqdm
+
+from zllm.protocol.config import ModelConfig
+from zllm.worker.models import model_class
+
+
+def checkpoint_files(path: str) -> list[Path]:
+    root = Path(path)
+    index = root / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [root / n for n in names]
+    files = sorted(root.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors checkpoint in {path!r}")
+    return files
+
+
+def load_model(
+    config: ModelConfig, device: torch.device, dtype: torch.dtype, progress: bool = True
+) -> nn.Module:
+    """Allocate the model on `device` in `dtype`, then copy each tensor in (mmap'd, one at a time)."""
+    cls = model_class(config.architecture)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = cls(config)
+    finally:
+        torch.set_default_dtype(previous)
+    expected: set[str] = set()
+    for name, _ in model.named_parameters():
+        parts = len(getattr(model.get_submodule(name.rsplit(".", 1)[0]), "local_sizes", [0]))
+        expected |= {name} | {f"{name}#{i}" for i in range(1, parts)}  # stacked q/k/v, gate/up
+    loaded: set[str] = set()
+    files = checkpoint_files(config.path)
+    with tqdm(
+        total=len(files), desc="Loading safetensors", unit="file", disable=not progress
+    ) as bar:
+        for file in files:
+            with safe_open(file, framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    tensor = f.get_tensor(name).to(device=device, dtype=dtype)
+                    target = model.load_weight(name, tensor)
+                    if target is not None:
+                        loaded.add(target)
+            bar.update(1)
+    missing = sorted(expected - loaded)
+    if missing:
+        raise ValueError(f"checkpoint {config.path!r} lacks weights for: {', '.join(missing[:8])}")
+    return model.eval()

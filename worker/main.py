@@ -1,0 +1,103 @@
+"""Worker process entry point: `python -m zllm.worker.main` (started by engine-core).
+
+Connects a DEALER to the core's worker socket, loads the model, reports how many KV
+blocks fit, then serves `ExecuteModel` and `WorkerCall` frames until told to stop or the
+core goes away. Any failure is reported as `WorkerFailed` with the real traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import traceback
+
+import msgspec
+import zmq
+
+from zllm.protocol.config import EngineArgs, ModelConfig
+from zllm.protocol.process import die_with_parent
+from zllm.protocol.worker_messages import (
+    ExecuteModel,
+    WorkerCall,
+    WorkerFailed,
+    WorkerHello,
+    WorkerReply,
+    decode_for_worker,
+    encode,
+)
+
+logger = logging.getLogger("zllm.worker")
+
+
+def run_worker(
+    address: str, rank: int, world_size: int, dist_init_method: str | None, config_json: bytes
+) -> None:
+    engine_args, model_config = msgspec.json.decode(
+        config_json, type=tuple[EngineArgs, ModelConfig]
+    )
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.IDENTITY, rank.to_bytes(2, "little"))
+    sock.setsockopt(zmq.LINGER, 2000)
+    sock.connect(address)
+    try:
+        from zllm.worker.worker import Worker
+
+        worker = Worker(engine_args, model_config, rank, world_size, dist_init_method)
+        sock.send(
+            encode(
+                WorkerHello(rank=rank, pid=os.getpid(), num_kv_blocks=worker.available_kv_blocks())
+            )
+        )
+        while True:
+            message = decode_for_worker(sock.recv())
+            if isinstance(message, ExecuteModel):
+                output = worker.execute_model(message)
+                if rank == 0:
+                    sock.send(encode(output))
+            elif isinstance(message, WorkerCall):
+                if message.method == "shutdown":
+                    worker.shutdown()
+                    sock.send(encode(WorkerReply(rank=rank, call_id=message.call_id)))
+                    return
+                try:
+                    result = worker.call(message.method, message.args)
+                    reply = WorkerReply(rank=rank, call_id=message.call_id, result=result)
+                except Exception as e:  # a failed call is an answer, not a crash
+                    reply = WorkerReply(
+                        rank=rank, call_id=message.call_id, error=f"{type(e).__name__}: {e}"
+                    )
+                sock.send(encode(reply))
+    except BaseException as e:
+        if not isinstance(e, KeyboardInterrupt | SystemExit):
+            detail = "".join(traceback.format_exception(e))
+            logger.error("worker rank %d failed:\n%s", rank, detail)
+            sock.send(encode(WorkerFailed(rank=rank, error=f"{type(e).__name__}: {e}\n{detail}")))
+        raise
+    finally:
+        sock.close()
+        ctx.term()
+
+
+def main() -> None:
+    logging.basicConfig(
+        level=os.environ.get("ZLLM_LOG_LEVEL", "WARNING"),
+        format="%(asctime)s worker %(levelname)s %(message)s",
+    )
+    address, rank, world_size, dist_init = (
+        sys.argv[1],
+        int(sys.argv[2]),
+        int(sys.argv[3]),
+        sys.argv[4],
+    )
+    die_with_parent()
+    config_json = sys.stdin.buffer.read()
+    try:
+        run_worker(address, rank, world_size, dist_init or None, config_json)
+    except Exception:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

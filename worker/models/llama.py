@@ -1,0 +1,181 @@
+"""The Llama family: Llama, Mistral, Qwen2 (qkv bias), Qwen3 (q/k norm); tied or untied embeddings.
+
+Tokens of all sequences in a step are one flat batch `[T, hidden]`; attention finds each
+sequence's context through `AttentionMetadata` and the paged KV cache.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from zllm.protocol.config import ModelConfig
+from zllm.worker.layers.attention import AttentionMetadata, paged_attention
+from zllm.worker.layers.linear import ColumnParallelLinear, RowParallelLinear, tp_size
+from zllm.worker.layers.norm import RMSNorm
+from zllm.worker.layers.rotary import RotaryEmbedding
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding) -> None:
+        super().__init__()
+        size = tp_size()
+        if config.num_attention_heads % size or config.num_key_value_heads % size:
+            raise ValueError(
+                f"{config.num_attention_heads} heads / {config.num_key_value_heads} KV heads "
+                f"cannot be split over tensor_parallel_size={size}"
+            )
+        self.num_heads = config.num_attention_heads // size
+        self.num_kv_heads = config.num_key_value_heads // size
+        self.head_dim = config.head_dim
+        self.scale = self.head_dim**-0.5
+        q_size = config.num_attention_heads * self.head_dim
+        kv_size = config.num_key_value_heads * self.head_dim
+        self.qkv_proj = ColumnParallelLinear(
+            config.hidden_size, [q_size, kv_size, kv_size], config.attention_bias
+        )
+        self.o_proj = RowParallelLinear(q_size, config.hidden_size)
+        self.rotary = rotary
+        if config.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        t = x.shape[0]
+        q, k, v = self.qkv_proj(x).split(
+            [
+                self.num_heads * self.head_dim,
+                self.num_kv_heads * self.head_dim,
+                self.num_kv_heads * self.head_dim,
+            ],
+            dim=-1,
+        )
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(positions, q, k)
+        o = paged_attention(q, k, v, kv_cache, meta, self.scale)
+        return self.o_proj(o.reshape(t, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.gate_up_proj = ColumnParallelLinear(
+            config.hidden_size, [config.intermediate_size, config.intermediate_size], bias=False
+        )
+        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(nn.functional.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding) -> None:
+        super().__init__()
+        self.self_attn = Attention(config, rotary)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), positions, kv_cache, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        rotary = RotaryEmbedding(
+            config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling
+        )
+        self.layers = nn.ModuleList(
+            [DecoderLayer(config, rotary) for _ in range(config.num_hidden_layers)]
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class LlamaForCausalLM(nn.Module):
+    # checkpoint name fragment -> (our parameter fragment, part index in a stacked layer)
+    stacked = {
+        "q_proj": ("qkv_proj", 0),
+        "k_proj": ("qkv_proj", 1),
+        "v_proj": ("qkv_proj", 2),
+        "gate_proj": ("gate_up_proj", 0),
+        "up_proj": ("gate_up_proj", 1),
+    }
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config)
+        if config.tie_word_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        for p in self.parameters():
+            p.requires_grad_(False)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[torch.Tensor],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """Hidden states `[T, hidden]` after the final norm."""
+        x = self.model.embed_tokens(input_ids)
+        for layer, kv_cache in zip(self.model.layers, kv_caches):
+            x = layer(x, positions, kv_cache, meta)
+        return self.model.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return nn.functional.linear(hidden, weight).float()
+
+    def load_weight(self, name: str, tensor: torch.Tensor) -> str | None:
+        """Copy one checkpoint tensor into place (this rank's slice).
+
+        Returns the parameter it filled, or None for tensors the model does not use.
+        """
+        if "rotary_emb" in name or (name == "lm_head.weight" and self.lm_head is None):
+            return None
+        if not hasattr(self, "_params"):
+            self._params = dict(self.named_parameters())
+        for fragment, (target, part) in self.stacked.items():
+            if f".{fragment}." in name:
+                param_name = name.replace(fragment, target)
+                module = self.get_submodule(param_name.rsplit(".", 1)[0])
+                module.load(self._params[param_name], tensor, part)
+                return f"{param_name}#{part}" if part else param_name
+        param = self._params.get(name)
+        if param is None:
+            return None
+        module = self.get_submodule(name.rsplit(".", 1)[0])
+        if isinstance(module, RowParallelLinear):
+            module.load(param, tensor)
+        else:
+            if param.shape != tensor.shape:
+                raise ValueError(
+                    f"{name}: checkpoint shape {tuple(tensor.shape)} != model shape {tuple(param.shape)}"
+                )
+            param.data.copy_(tensor)
+        return name
