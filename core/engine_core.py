@@ -192,8 +192,8 @@ class EngineCore:
         self.sleeping_level = level
 
     def wake_up(self, tags: list[str] | None = None) -> None:
-        self.executor.collective_rpc("wake_up", tags)
-        if tags is None or "kv_cache" in tags:
+        still_asleep = self.executor.collective_rpc("wake_up", tags)[0]
+        if not still_asleep:  # steps run again only once weights and KV cache are both back
             self.sleeping_level = 0
 
     def is_sleeping(self) -> bool:

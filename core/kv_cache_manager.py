@@ -73,15 +73,17 @@ class KVCacheManager:
         while (len(hashes) + 1) * bs <= request.num_tokens:
             i = len(hashes)
             parent = hashes[-1] if hashes else b""
-            hashes.append(block_hash(parent, request.token_ids[i * bs : (i + 1) * bs]))
+            tokens = request.token_ids[i * bs : (i + 1) * bs]
+            hashes.append(block_hash(parent, tokens, request.extra_hash_key))
         return hashes
 
     def get_computed_blocks(self, request: Request) -> tuple[list[int], int]:
         """Leading cached blocks for a request about to be admitted, and how many tokens they hold.
 
-        At least one token is always left to compute, so the model produces logits.
+        At least one token is always left to compute, so the model produces logits. A request
+        that wants prompt logprobs reads nothing from the cache (it needs every position).
         """
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or request.sampling_params.prompt_logprobs is not None:
             return [], 0
         hashes = self._hashes(request)
         max_blocks = (request.num_tokens - 1) // self.block_size
@@ -91,9 +93,13 @@ class KVCacheManager:
             if block_id is None:
                 break
             hits.append(block_id)
-        self.prefix_queries += request.num_tokens
-        self.prefix_hits += len(hits) * self.block_size
         return hits, len(hits) * self.block_size
+
+    def record_lookup(self, request: Request, num_cached_tokens: int) -> None:
+        """Count one admission's prefix-cache lookup (tokens asked for, tokens found)."""
+        if self.enable_prefix_caching:
+            self.prefix_queries += request.num_tokens
+            self.prefix_hits += num_cached_tokens
 
     # ---- mutations -----------------------------------------------------------------------
 
@@ -122,23 +128,26 @@ class KVCacheManager:
         return True
 
     def free(self, request: Request) -> None:
-        """Release a request's blocks; the last blocks go first in the eviction order."""
+        """Release a request's blocks. Eviction order: blocks holding no cached prefix first,
+        then least recently used, and a request's tail before its head."""
         for block_id in reversed(self.req_blocks.pop(request.key, [])):
             block = self.blocks[block_id]
             block.ref_count -= 1
             if block.ref_count == 0:
                 self.free_queue[block_id] = None
+                if block.hash is None:
+                    self.free_queue.move_to_end(block_id, last=False)
         self.req_hashes.pop(request.key, None)
         self.req_num_cached.pop(request.key, None)
 
     def reset_prefix_cache(self) -> bool:
-        """Forget every cached hash; refused (False) while any block is in use."""
+        """Forget every cached hash; refused (False) while any block is in use (vLLM's rule).
+        The hit/query counters are cumulative and keep counting."""
         if self.num_used_blocks:
             return False
         self.cached.clear()
         for block in self.blocks:
             block.hash = None
-        self.prefix_queries = self.prefix_hits = 0
         return True
 
     def _touch(self, block_id: int) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import signal
 import socket
 import subprocess
 import sys
@@ -20,7 +21,12 @@ import zmq
 
 from zllm.core.executor import Executor, WorkerDiedError
 from zllm.protocol.config import EngineArgs, ModelConfig
-from zllm.protocol.process import private_ipc_address, remove_socket_file, restrict_socket_file
+from zllm.protocol.process import (
+    private_ipc_address,
+    remove_socket_file,
+    restrict_socket_file,
+    spawn_env,
+)
 from zllm.protocol.worker_messages import (
     ExecuteModel,
     ModelOutput,
@@ -76,6 +82,7 @@ class MultiprocExecutor(Executor):
                     dist_init,
                 ],
                 stdin=subprocess.PIPE,
+                env=spawn_env(),
             )
             proc.stdin.write(config_json)
             proc.stdin.close()
@@ -139,10 +146,12 @@ class MultiprocExecutor(Executor):
         for rank, proc in enumerate(self.procs):
             code = proc.poll()
             if code is not None:
-                raise WorkerDiedError(
-                    f"worker rank {rank} (pid {proc.pid}) exited with code {code}"
-                    + (" (killed by a signal)" if code < 0 else "")
+                how = (
+                    f"was killed by {_signal_name(-code)}"
+                    if code < 0
+                    else f"exited with code {code}"
                 )
+                raise WorkerDiedError(f"worker rank {rank} (pid {proc.pid}) {how}")
 
     def shutdown(self) -> None:
         if self._closed:
@@ -163,3 +172,10 @@ class MultiprocExecutor(Executor):
         self.sock.close(0)
         self.ctx.term()
         remove_socket_file(self.address)
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"

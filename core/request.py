@@ -26,6 +26,7 @@ class Request:
         sampling_params: SamplingParams,
         eos_token_ids: list[int],
         max_model_len: int,
+        extra_hash_key: bytes = b"",
     ) -> None:
         self.key = key
         self.client = client
@@ -38,6 +39,7 @@ class Request:
         self.num_cached_tokens = -1  # prefix-cache hit on first admission (-1: not admitted yet)
         self.status = RequestStatus.WAITING
         self.sent_to_worker = False
+        self.extra_hash_key = extra_hash_key  # besides tokens, what changes the KV (a LoRA id)
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         limit = max_model_len - self.num_prompt_tokens

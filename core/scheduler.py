@@ -113,6 +113,7 @@ class Scheduler:
             if not self.kv.allocate_slots(request, n, computed):
                 break
             self.waiting.popleft()
+            self.kv.record_lookup(request, num_cached)
             request.num_computed_tokens = num_cached
             if request.num_cached_tokens < 0:
                 request.num_cached_tokens = num_cached

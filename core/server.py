@@ -52,6 +52,29 @@ UTILITY_METHODS = frozenset(
 )
 
 
+def _client_message(frames: list[bytes], socket_name: str) -> tuple[bytes, Any] | None:
+    """(client identity, message) from a ROUTER's frames, or None (logged) if they are not one
+    identity plus one decodable frame: a stray peer must not kill the socket's thread."""
+    if len(frames) != 2:
+        logger.warning(
+            "dropping a %d-frame message on the %s socket (one frame expected)",
+            len(frames) - 1,
+            socket_name,
+        )
+        return None
+    identity, frame = frames
+    try:
+        return identity, decode_client_message(frame)
+    except msgspec.MsgspecError as e:
+        logger.warning(
+            "dropping an undecodable frame from client %s on the %s socket: %s",
+            identity.hex(),
+            socket_name,
+            e,
+        )
+        return None
+
+
 class _Shutdown(Exception):
     """Raised in the main thread by SIGTERM/SIGINT."""
 
@@ -89,15 +112,9 @@ class EngineCoreServer:
         while not self.stopping.is_set():
             if not sock.poll(200):
                 continue
-            identity, frame = sock.recv_multipart()
-            try:
-                message = decode_client_message(frame)
-            except msgspec.MsgspecError as e:
-                logger.warning(
-                    "dropping an undecodable frame from client %s: %s", identity.hex(), e
-                )
-                continue
-            self.inbox.put((identity, message))
+            received = _client_message(sock.recv_multipart(), "input")
+            if received is not None:
+                self.inbox.put(received)
         sock.close(0)
 
     def _output_thread(self) -> None:
@@ -122,13 +139,9 @@ class EngineCoreServer:
                 except zmq.ZMQError as e:
                     logger.warning("could not send to client %s: %s", frames[0].hex(), e)
             if sock in events:
-                identity, frame = sock.recv_multipart()
-                try:
-                    message = decode_client_message(frame)
-                except msgspec.MsgspecError as e:
-                    logger.warning("dropping an undecodable frame on the output socket: %s", e)
-                    continue
-                self.inbox.put((identity, message))
+                received = _client_message(sock.recv_multipart(), "output")
+                if received is not None:
+                    self.inbox.put(received)
         sock.close()
         pull.close()
 

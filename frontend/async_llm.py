@@ -1,4 +1,8 @@
-"""`AsyncLLM`: the asyncio client, usable from any event loop, any thread, any number of `asyncio.run()`s."""
+"""`AsyncLLM`: the asyncio client, usable from any event loop, any thread, any number of `asyncio.run()`s.
+
+Nothing here is bound to an event loop: the sockets belong to the client's private I/O
+thread, and each `await` waits on whichever loop is running it at that moment.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +10,20 @@ import asyncio
 from collections.abc import AsyncGenerator
 from typing import Any
 
-from zllm.frontend.engine_frontend import EngineFrontend
+import msgspec
+
+from zllm.frontend.engine_client import EngineClient
+from zllm.frontend.engine_configs import DecodingConfig, ParallelConfig, SchedulerConfig
+from zllm.frontend.engine_frontend import EngineFrontend, _check_sleep_args
 from zllm.frontend.input_processor import PromptType
 from zllm.frontend.outputs import RequestOutput
-from zllm.protocol.config import AsyncEngineArgs, EngineArgs
+from zllm.protocol.config import AsyncEngineArgs, EngineArgs, ModelConfig
 from zllm.protocol.messages import SchedulerStats
 from zllm.protocol.sampling_params import SamplingParams
 
 
 class AsyncLLM(EngineFrontend):
-    """Streams generations from a multi-process engine. Nothing here is bound to an event loop."""
+    """Streams generations from a multi-process engine."""
 
     def __init__(self, engine_args: EngineArgs | None = None, **kwargs: Any) -> None:
         super().__init__(engine_args or AsyncEngineArgs(**kwargs))
@@ -33,50 +41,102 @@ class AsyncLLM(EngineFrontend):
     ) -> AsyncGenerator[RequestOutput, None]:
         """Yield `RequestOutput`s for one prompt as the engine produces them.
 
-        Leaving the loop early, cancelling the task or closing the loop aborts the request.
+        Leaving the loop early, cancelling the task, closing the loop or dropping the generator
+        aborts the request in the engine (its KV blocks are freed within one step). A request
+        aborted with `abort()` ends with an output whose `finish_reason` is "abort"; a dead
+        engine raises `EngineDeadError`.
         """
         request_id, stream = self._add_request(prompt, sampling_params, request_id)
-        finished = False
+        guard = _AbortIfAbandoned(self.client, request_id)
         try:
             while True:
                 item = await stream.get()
                 if isinstance(item, BaseException):
-                    finished = True
+                    guard.armed = False
                     raise item
-                finished = item.finished
+                if item.finished:
+                    guard.armed = False
                 yield item
-                if finished:
+                if item.finished:
                     return
         finally:
-            if not finished:
+            if guard.armed:
+                guard.armed = False
                 self.client.abort([request_id])
 
     async def abort(self, request_id: str | list[str]) -> None:
+        """Stop requests; their `generate()` streams end with finish_reason "abort"."""
         self.client.abort([request_id] if isinstance(request_id, str) else list(request_id))
 
     async def _utility(self, method: str, *args: Any) -> Any:
         return await asyncio.wrap_future(self._call(method, *args))
 
+    # ---- health and introspection (vLLM's names) ---------------------------------------------
+
     async def check_health(self) -> None:
+        """Raise `EngineDeadError` if engine-core or a worker is gone."""
         self.client.check_alive()
         await self._utility("check_health")
 
-    async def get_model_config(self):
+    async def get_model_config(self) -> ModelConfig:
         return self.model_config
 
-    async def get_tokenizer(self):
+    async def get_decoding_config(self) -> DecodingConfig:
+        return DecodingConfig()
+
+    async def get_parallel_config(self) -> ParallelConfig:
+        return self._parallel_config()
+
+    async def get_scheduler_config(self) -> SchedulerConfig:
+        return self._scheduler_config()
+
+    async def get_tokenizer(self, lora_request: Any = None):
         return self.tokenizer
 
-    async def reset_prefix_cache(self) -> bool:
+    async def reset_prefix_cache(self, device: Any = None) -> bool:
+        """Forget cached prefixes; False while requests hold blocks."""
         return await self._utility("reset_prefix_cache")
 
     async def get_stats(self) -> SchedulerStats:
-        import msgspec
-
         return msgspec.convert(await self._utility("get_stats"), SchedulerStats)
+
+    # ---- sleep mode --------------------------------------------------------------------------
+
+    async def sleep(self, level: int = 1) -> None:
+        """Free the device: level 1 moves the weights to host memory and drops the KV cache;
+        level 2 drops the weights too (re-read from the checkpoint on wake-up). Requests that
+        arrive meanwhile wait; running ones are recomputed after `wake_up`."""
+        _check_sleep_args(level=level)
+        await self._utility("sleep", level)
+
+    async def wake_up(self, tags: list[str] | None = None) -> None:
+        """Restore `tags` ("weights", "kv_cache"; None: both). The engine runs again once both are back."""
+        _check_sleep_args(tags=tags)
+        await self._utility("wake_up", tags)
+
+    async def is_sleeping(self) -> bool:
+        return await self._utility("is_sleeping")
+
+    # ---- lifecycle ---------------------------------------------------------------------------
 
     async def __aenter__(self) -> AsyncLLM:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         self.shutdown()
+
+
+class _AbortIfAbandoned:
+    """Aborts a request whose generator is garbage-collected without running its `finally`
+    (its loop was closed before it could be finalized)."""
+
+    __slots__ = ("client", "request_id", "armed")
+
+    def __init__(self, client: EngineClient, request_id: str) -> None:
+        self.client = client
+        self.request_id = request_id
+        self.armed = True
+
+    def __del__(self) -> None:
+        if self.armed:
+            self.client.abort_soon(self.request_id)

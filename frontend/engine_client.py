@@ -5,16 +5,23 @@ Callers from any thread or event loop hand requests to the I/O thread through a 
 the I/O thread turns engine outputs into `RequestOutput`s and puts them into each
 request's `RequestStream`. If the engine dies, every stream and every pending call gets
 `EngineDeadError` at once.
+
+Each request gets an engine-side id (the caller's id plus a random suffix, as vLLM does), so
+a caller may reuse an id the moment its request is aborted without ever receiving the old
+request's late tokens. A request with `n > 1` is n engine requests sharing one stream
+(`parallel_sampling.fan_out`).
 """
 
 from __future__ import annotations
 
 import atexit
+import collections
 import concurrent.futures
 import itertools
 import logging
 import os
 import queue
+import signal
 import socket
 import subprocess
 import sys
@@ -22,13 +29,16 @@ import threading
 import time
 import uuid
 import weakref
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from zllm.frontend.errors import EngineDeadError, EngineStartupError
-from zllm.frontend.output_processor import RequestState
+from zllm.frontend.output_processor import finish_aborted
+from zllm.frontend.parallel_sampling import fan_out
 from zllm.frontend.stream import ConsumerGone, RequestStream
 from zllm.protocol.config import EngineArgs
 from zllm.protocol.messages import (
@@ -39,6 +49,7 @@ from zllm.protocol.messages import (
     Goodbye,
     Hello,
     Ready,
+    RequestUpdate,
     StartupFailed,
     StepOutputs,
     UtilityCall,
@@ -46,52 +57,86 @@ from zllm.protocol.messages import (
     decode_core_message,
     encode,
 )
-from zllm.protocol.process import core_addresses, private_ipc_address, remove_socket_file
+from zllm.protocol.process import (
+    core_addresses,
+    private_ipc_address,
+    remove_socket_file,
+    spawn_env,
+)
 from zllm.protocol.sampling_params import SamplingParams
 
 logger = logging.getLogger("zllm.frontend")
 
 POLL_MS = 100
 STARTUP_TIMEOUT_S = float(os.environ.get("ZLLM_STARTUP_TIMEOUT", "900"))
+# Daemon connections: ZMTP heartbeats turn a silent peer into a disconnect within this time.
+HEARTBEAT_IVL_MS = 500
+HEARTBEAT_TIMEOUT_MS = 1500
+
+
+@dataclass
+class _Live:
+    """One request the engine is running for us."""
+
+    request_id: str  # the caller's
+    engine_id: str  # the engine's: the (child's) id plus a suffix
+    state: Any  # a `RequestState`, or a `ChildHandle` for one of n > 1 samples
+    stream: RequestStream  # shared by the n children of a request
 
 
 class EngineClient:
-    def __init__(self, engine_args: EngineArgs, tokenizer) -> None:
+    def __init__(self, engine_args: EngineArgs, tokenizer=None, *, wait: bool = True) -> None:
+        """Spawn engine-core (or connect to a daemon) and say hello.
+
+        With `wait=False` the caller does other start-up work (loading the tokenizer) while the
+        core starts, then calls `wait_ready()`.
+        """
         self.engine_args = engine_args
         self.tokenizer = tokenizer
         self.identity = uuid.uuid4().bytes
         self.proc: subprocess.Popen | None = None
         self.ctx = zmq.Context()
-        self.requests: dict[str, tuple[RequestState, RequestStream]] = {}
+        self.requests: dict[str, _Live] = {}  # by engine id
+        self.by_request_id: dict[str, list[str]] = {}  # caller's id -> engine ids (n of them)
         self.lock = threading.Lock()
         self.outgoing: queue.Queue[msgspec.Struct] = queue.Queue()
+        self._abandoned: collections.deque[str] = collections.deque()  # see `abort_soon`
         self.calls: dict[int, concurrent.futures.Future] = {}
         self.call_ids = itertools.count()
         self.dead_error: EngineDeadError | None = None
         self.last_stats = None
+        self.ready: Ready | None = None
+        self.io_thread: threading.Thread | None = None
         self._closed = False
+        self._shutdown_requested = False
+        self._shutdown_started = False
+        self._shutdown_thread: threading.Thread | None = None
+        self._shutdown_done = threading.Event()
+        self._resources_closed = False
+        self._monitor: zmq.Socket | None = None
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
 
-        if engine_args.engine_core_address:
-            self.input_address, self.output_address = core_addresses(
-                engine_args.engine_core_address
-            )
-        else:
-            self.input_address, self._ipc_dir = private_ipc_address("core-input")
-            self.output_address = f"ipc://{self._ipc_dir}/core-output.sock"
-            self._spawn_core()
         try:
+            if engine_args.engine_core_address:
+                self.input_address, self.output_address = core_addresses(
+                    engine_args.engine_core_address
+                )
+            else:
+                self.input_address, self._ipc_dir = private_ipc_address("core-input")
+                self.output_address = f"ipc://{self._ipc_dir}/core-output.sock"
+                self._spawn_core()
             self.input = self._socket(self.input_address)
             self.output = self._socket(self.output_address)
-            self.ready = self._handshake()
+            self.output.send(
+                encode(Hello(protocol_version=PROTOCOL_VERSION, client_name=f"pid-{os.getpid()}"))
+            )
+            if wait:
+                self.wait_ready()
         except BaseException:
             self._close_resources(kill=True)
             raise
-        self.io_thread = threading.Thread(target=self._io_loop, name="zllm-client-io", daemon=True)
-        self.io_thread.start()
-        _live_clients.add(self)
 
     # ---- start-up --------------------------------------------------------------------------
 
@@ -107,6 +152,7 @@ class EngineClient:
                 self.output_address,
             ],
             stdin=subprocess.PIPE,
+            env=spawn_env(),
         )
         self.proc.stdin.write(msgspec.json.encode(self.engine_args))
         self.proc.stdin.close()
@@ -115,13 +161,29 @@ class EngineClient:
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.IDENTITY, self.identity)
         sock.setsockopt(zmq.LINGER, 0)
+        if self.proc is None:  # a daemon: notice a silent peer, not only a closed one
+            sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
         sock.connect(address)
         return sock
 
+    def wait_ready(self) -> Ready:
+        """Finish the handshake and start the I/O thread; raise the core's own start-up error."""
+        if self.ready is not None:
+            return self.ready
+        try:
+            self.ready = self._handshake()
+        except BaseException:
+            self._close_resources(kill=True)
+            raise
+        if self.proc is None:
+            self._monitor = self.output.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self.io_thread = threading.Thread(target=self._io_loop, name="zllm-client-io", daemon=True)
+        self.io_thread.start()
+        _live_clients.add(self)
+        return self.ready
+
     def _handshake(self) -> Ready:
-        self.output.send(
-            encode(Hello(protocol_version=PROTOCOL_VERSION, client_name=f"pid-{os.getpid()}"))
-        )
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.output.poll(POLL_MS):
@@ -133,7 +195,7 @@ class EngineClient:
                 continue
             if self.proc is not None and self.proc.poll() is not None:
                 raise EngineStartupError(
-                    f"engine-core exited with code {self.proc.returncode} before it was ready (see its log above)"
+                    f"engine-core {_exit_text(self.proc)} before it was ready (see its log above)"
                 )
         raise EngineStartupError(
             f"engine-core at {self.output_address} did not answer within {STARTUP_TIMEOUT_S:.0f}s"
@@ -148,51 +210,87 @@ class EngineClient:
         prompt_token_ids: list[int],
         params: SamplingParams,
     ) -> RequestStream:
-        self.check_alive()
-        state = RequestState(request_id, prompt, prompt_token_ids, params, self.tokenizer)
+        """Start a request (n > 1: its n children); its outputs or its error arrive in the stream."""
+        _, children = fan_out(request_id, prompt, prompt_token_ids, params, self.tokenizer)
         stream = RequestStream()
-        with self.lock:
-            if request_id in self.requests:
+        suffix = uuid.uuid4().hex[:8]
+        lives = [_Live(request_id, f"{cid}-{suffix}", state, stream) for cid, _, state in children]
+        with self.lock:  # checked under the lock: `_die` cannot slip in between
+            self._check_alive_locked()
+            if request_id in self.by_request_id:
                 raise ValueError(
                     f"request id {request_id!r} is already in use by a running request"
                 )
-            self.requests[request_id] = (state, stream)
-        self._enqueue(
-            AddRequest(
-                request_id=request_id,
-                prompt_token_ids=prompt_token_ids,
-                sampling_params=params,
-                arrival_time=state.metrics.arrival_time,
+            self.by_request_id[request_id] = [live.engine_id for live in lives]
+            for live in lives:
+                self.requests[live.engine_id] = live
+        for live, (_, child_params, state) in zip(lives, children):
+            self._enqueue(
+                AddRequest(
+                    request_id=live.engine_id,
+                    prompt_token_ids=prompt_token_ids,
+                    sampling_params=child_params,
+                    arrival_time=state.metrics.arrival_time,
+                )
             )
-        )
         return stream
 
     def abort(self, request_ids: list[str]) -> None:
+        """Stop requests in the engine; each stream gets a last output with finish_reason "abort"."""
         with self.lock:
-            live = [rid for rid in request_ids if self.requests.pop(rid, None) is not None]
-        if live and self.dead_error is None and not self._closed:
-            self._enqueue(AbortRequests(request_ids=live))
+            lives = [live for rid in request_ids for live in self._forget_request(rid)]
+            finish_aborted([(live.state, live.stream) for live in lives])
+        if lives and self.dead_error is None and not self._closed:
+            self._enqueue(AbortRequests(request_ids=[live.engine_id for live in lives]))
+
+    def abort_soon(self, request_id: str) -> None:
+        """`abort` from a finalizer: never takes a lock (the GC may run while it is held);
+        the I/O thread does the abort."""
+        self._abandoned.append(request_id)
+        self._wake()
 
     def call(self, method: str, *args: Any) -> concurrent.futures.Future:
         """Run a utility method in engine-core; the future resolves from the I/O thread."""
         future: concurrent.futures.Future = concurrent.futures.Future()
-        if self.dead_error is not None:
-            future.set_exception(self.dead_error)
-            return future
         call_id = next(self.call_ids)
         with self.lock:
+            try:
+                self._check_alive_locked()
+            except EngineDeadError as e:
+                future.set_exception(e)
+                return future
             self.calls[call_id] = future
         self._enqueue(UtilityCall(call_id=call_id, method=method, args=list(args)))
         return future
 
     def check_alive(self) -> None:
+        with self.lock:
+            self._check_alive_locked()
+
+    def _check_alive_locked(self) -> None:
         if self.dead_error is not None:
-            raise self.dead_error
+            raise EngineDeadError(str(self.dead_error))
         if self._closed:
             raise EngineDeadError("the engine was shut down")
 
+    @property
+    def num_unfinished_requests(self) -> int:
+        return len(self.requests)
+
+    def shutdown_soon(self) -> None:
+        """`shutdown` from a finalizer: the GC may run it on any thread, even the I/O thread
+        while it holds the lock, so the I/O thread does the shutdown."""
+        if self.io_thread is not None and self.io_thread.is_alive():
+            self._shutdown_requested = True
+            self._wake()
+        else:
+            self.shutdown()
+
     def _enqueue(self, message: msgspec.Struct) -> None:
         self.outgoing.put(message)
+        self._wake()
+
+    def _wake(self) -> None:
         try:
             self._wake_w.send(b"\0")
         except (BlockingIOError, OSError):
@@ -204,6 +302,8 @@ class EngineClient:
         poller = zmq.Poller()
         poller.register(self.output, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
+        if self._monitor is not None:
+            poller.register(self._monitor, zmq.POLLIN)
         while not self._closed:
             try:
                 events = dict(poller.poll(POLL_MS))
@@ -213,17 +313,27 @@ class EngineClient:
                             pass
                     except (BlockingIOError, OSError):
                         pass
+                if self._shutdown_requested:
+                    self.shutdown()
+                    return
+                while self._abandoned:
+                    self.abort([self._abandoned.popleft()])
                 self._flush_outgoing()
                 if self.output in events:
                     while self.output.poll(0):
                         self._on_frame(self.output.recv())
-                if self.proc is not None and self.proc.poll() is not None and not self._closed:
-                    code = self.proc.returncode
-                    self._die(
-                        f"engine-core (pid {self.proc.pid}) exited with code {code}"
-                        + (" (killed by a signal)" if code < 0 else "")
-                    )
+                if self._closed:
                     return
+                if self.proc is not None and self.proc.poll() is not None:
+                    while self.output.poll(50):  # its last words (EngineDead with the cause)
+                        self._on_frame(self.output.recv())
+                    self._die(f"engine-core {_exit_text(self.proc)}")
+                    return
+                if self._monitor is not None and self._monitor in events:
+                    event = recv_monitor_message(self._monitor)
+                    if event["event"] == zmq.EVENT_DISCONNECTED:
+                        self._die(f"lost the connection to engine-core at {self.output_address}")
+                        return
             except Exception as e:  # never leave callers waiting on a broken I/O thread
                 logger.exception("client I/O thread failed")
                 self._die(f"client I/O thread failed: {type(e).__name__}: {e}")
@@ -248,7 +358,7 @@ class EngineClient:
         elif isinstance(message, UtilityReply):
             with self.lock:
                 future = self.calls.pop(message.call_id, None)
-            if future is not None:
+            if future is not None and not future.done():
                 if message.error is not None:
                     future.set_exception(RuntimeError(message.error))
                 else:
@@ -257,77 +367,114 @@ class EngineClient:
             self._die(message.error)
 
     def _on_outputs(self, message: StepOutputs) -> None:
-        self.last_stats = message.stats
+        if message.stats is not None:
+            self.last_stats = message.stats
         to_abort: list[str] = []
         now = message.timestamp or time.time()
-        for update in message.updates:
-            with self.lock:
-                entry = self.requests.get(update.request_id)
-            if entry is None:
-                continue  # aborted meanwhile
-            state, stream = entry
-            if update.error is not None:
-                self._finish(update.request_id)
-                stream.put(ValueError(update.error))
-                continue
-            if state.apply(update, now):
-                to_abort.append(update.request_id)
-            output = state.output()
-            if state.finished:
-                self._finish(update.request_id)
-            if output is not None:
-                try:
-                    stream.put(output)
-                except ConsumerGone:
-                    if not state.finished:
-                        to_abort.append(update.request_id)
-                        self._finish(update.request_id)
+        with self.lock:  # `abort` from another thread must not interleave with an update
+            for update in message.updates:
+                live = self.requests.get(update.request_id)
+                if live is not None:  # else: aborted meanwhile
+                    to_abort += self._deliver(live, update, now)
         if to_abort:
             self.input.send(encode(AbortRequests(request_ids=to_abort)))
 
-    def _finish(self, request_id: str) -> None:
-        with self.lock:
-            self.requests.pop(request_id, None)
+    def _deliver(self, live: _Live, update: RequestUpdate, now: float) -> list[str]:
+        """Fold an update into its request and hand the output on; return engine ids to abort."""
+        if update.error is not None:  # refused by the engine: the whole request fails
+            siblings = self._forget_request(live.request_id)
+            live.stream.put_final(ValueError(update.error))
+            return [other.engine_id for other in siblings if other is not live]
+        try:
+            stopped_by_string = live.state.apply(update, now)
+            output = live.state.output()
+        except Exception as e:  # one request's failure (detokenizing) ends that request only
+            logger.exception("could not process output of request %s", live.request_id)
+            live.stream.put_final(e)
+            return [other.engine_id for other in self._forget_request(live.request_id)]
+        if live.state.finished:
+            self._forget(live)
+        if output is not None:
+            try:
+                live.stream.put(output)
+            except ConsumerGone:  # its loop is closed: nobody will read it, stop it
+                gone = self._forget_request(live.request_id)
+                return [other.engine_id for other in gone if not other.state.finished]
+        return [live.engine_id] if stopped_by_string else []
 
-    def _die(self, cause: str) -> None:
-        error = EngineDeadError(f"the engine died: {cause}")
+    def _forget(self, live: _Live) -> None:
+        """Drop one engine request's bookkeeping (caller holds the lock)."""
+        self.requests.pop(live.engine_id, None)
+        siblings = self.by_request_id.get(live.request_id)
+        if siblings is not None and live.engine_id in siblings:
+            siblings.remove(live.engine_id)
+            if not siblings:
+                del self.by_request_id[live.request_id]
+
+    def _forget_request(self, request_id: str) -> list[_Live]:
+        """Drop every engine request of a user request (caller holds the lock); return them."""
+        engine_ids = self.by_request_id.pop(request_id, [])
+        return [live for eid in engine_ids if (live := self.requests.pop(eid, None)) is not None]
+
+    def _die(self, cause: str, prefix: str = "the engine died: ") -> None:
+        message = prefix + cause
         with self.lock:
             if self.dead_error is not None:
                 return
-            self.dead_error = error
+            self.dead_error = EngineDeadError(message)
             entries = list(self.requests.values())
             self.requests.clear()
+            self.by_request_id.clear()
             calls = list(self.calls.values())
             self.calls.clear()
-        for _, stream in entries:
-            try:
-                stream.put(error)
-            except ConsumerGone:
-                pass
+        if prefix:
+            logger.error("%s", message)
+        for live in entries:
+            live.stream.put_final(EngineDeadError(message))  # one instance each: own traceback
         for future in calls:
             if not future.done():
-                future.set_exception(error)
+                future.set_exception(EngineDeadError(message))
 
     # ---- shutdown ------------------------------------------------------------------------------
 
     def shutdown(self) -> None:
-        """Stop the engine this client started (or leave a daemon's), release everything. Idempotent."""
-        if self._closed:
+        """Stop the engine this client started (or leave a daemon's), release everything.
+
+        Idempotent; a call that finds another thread shutting down waits until it is done, so
+        when any `shutdown()` returns (at exit, say) the engine's processes are gone.
+        """
+        with self.lock:
+            first = not self._shutdown_started
+            self._shutdown_started = self._closed = True
+            if first:
+                self._shutdown_thread = threading.current_thread()
+        if not first:
+            if threading.current_thread() is not self._shutdown_thread:
+                self._shutdown_done.wait(timeout=30)
             return
-        if self.dead_error is None:
-            self._enqueue(Goodbye())
-        self._closed = True
-        if self.io_thread.is_alive() and threading.current_thread() is not self.io_thread:
-            self.io_thread.join(timeout=2)
         try:
-            self._flush_outgoing()  # the Goodbye, for a daemon
-        except zmq.ZMQError:
-            pass
+            self._shutdown()
+        finally:
+            self._shutdown_done.set()
+
+    def _shutdown(self) -> None:
+        thread = self.io_thread
+        if thread is not None and thread.is_alive() and threading.current_thread() is not thread:
+            thread.join(timeout=2)
+        if self.dead_error is None and self.proc is None and self.ready is not None:
+            try:  # a daemon: tell it to drop our requests
+                self.input.send(encode(Goodbye()))
+            except zmq.ZMQError:
+                pass
         self._close_resources(kill=False)
-        self._die("the engine was shut down")
+        self._die("the engine was shut down", prefix="")
         _live_clients.discard(self)
 
     def _close_resources(self, kill: bool) -> None:
+        self._closed = True
+        if self._resources_closed:
+            return
+        self._resources_closed = True
         if self.proc is not None and self.proc.poll() is None:
             if kill:
                 self.proc.kill()
@@ -338,9 +485,16 @@ class EngineClient:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if self._monitor is not None:
+            try:
+                self.output.disable_monitor()
+            except zmq.ZMQError:
+                pass
+            self._monitor.close(0)
+            self._monitor = None
         for name in ("input", "output"):
             sock = getattr(self, name, None)
-            if sock is not None:
+            if sock is not None and not sock.closed:
                 sock.close(0)
         self.ctx.term()
         self._wake_r.close()
@@ -348,6 +502,17 @@ class EngineClient:
         if self.proc is not None:
             remove_socket_file(self.input_address)
             remove_socket_file(self.output_address)
+
+
+def _exit_text(proc: subprocess.Popen) -> str:
+    code = proc.returncode
+    if code is not None and code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"(pid {proc.pid}) was killed by {name}"
+    return f"(pid {proc.pid}) exited with code {code}"
 
 
 _live_clients: weakref.WeakSet[EngineClient] = weakref.WeakSet()

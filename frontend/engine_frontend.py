@@ -1,5 +1,5 @@
 """What `AsyncLLM` and `LLM` share: model resolution, tokenizer, the engine client, and
-the vLLM-named introspection methods."""
+the vLLM-named state and config views."""
 
 from __future__ import annotations
 
@@ -10,12 +10,14 @@ from typing import Any
 
 import msgspec
 
+from zllm.frontend import engine_configs
 from zllm.frontend.default_model import resolve_model
 from zllm.frontend.engine_client import EngineClient
 from zllm.frontend.errors import EngineDeadError
 from zllm.frontend.input_processor import InputProcessor, PromptType
 from zllm.frontend.stream import RequestStream
 from zllm.protocol.config import EngineArgs, ModelConfig
+from zllm.protocol.messages import Ready
 from zllm.protocol.sampling_params import SamplingParams
 
 logger = logging.getLogger("zllm")
@@ -28,17 +30,24 @@ class EngineFrontend:
             engine_args = msgspec.structs.replace(
                 engine_args, model=resolve_model(engine_args.model)
             )
+            # Fail here, naming the path, before a process is spawned for nothing.
+            ModelConfig.from_path(
+                engine_args.model, engine_args.tokenizer, engine_args.max_model_len
+            )
         self.engine_args = engine_args
-        self.tokenizer = None
-        if not engine_args.skip_tokenizer_init and engine_args.model is not None:
-            self.tokenizer = _load_tokenizer(engine_args.tokenizer or engine_args.model)
-        self._client = EngineClient(engine_args, self.tokenizer)
-        ready = self._client.ready
-        if (
-            self.tokenizer is None and not engine_args.skip_tokenizer_init
-        ):  # a daemon told us its model
-            self.tokenizer = _load_tokenizer(ready.model_config.tokenizer)
-            self._client.tokenizer = self.tokenizer
+        # The core starts (imports torch, loads weights) while we load the tokenizer.
+        client = self._client = EngineClient(engine_args, wait=False)
+        try:
+            tokenizer = None
+            if not engine_args.skip_tokenizer_init and engine_args.model is not None:
+                tokenizer = _load_tokenizer(engine_args.tokenizer or engine_args.model)
+            ready = client.wait_ready()
+            if tokenizer is None and not engine_args.skip_tokenizer_init:  # a daemon's model
+                tokenizer = _load_tokenizer(ready.model_config.tokenizer)
+        except BaseException:
+            client.shutdown()
+            raise
+        client.tokenizer = self.tokenizer = tokenizer
         self.model_config: ModelConfig = ready.model_config
         self.processor = InputProcessor(self.tokenizer, ready)
         self._ids = itertools.count()
@@ -64,26 +73,38 @@ class EngineFrontend:
             raise EngineDeadError("the engine did not start")
         return self._client
 
-    # ---- state -------------------------------------------------------------------------------
+    @property
+    def _ready(self) -> Ready:
+        ready = self.client.ready
+        if ready is None:
+            raise EngineDeadError("the engine did not start")
+        return ready
+
+    # ---- state (vLLM's names) ----------------------------------------------------------------
 
     @property
     def is_running(self) -> bool:
+        """True until the engine dies or is shut down."""
         c = self._client
         return c is not None and not c._closed and c.dead_error is None
 
     @property
+    def is_stopped(self) -> bool:
+        return not self.is_running
+
+    @property
     def errored(self) -> bool:
+        """True once the engine died (or was shut down): no request can complete any more."""
         c = self._client
-        return c is not None and c.dead_error is not None
+        return c is None or c.dead_error is not None
 
     @property
     def dead_error(self) -> BaseException:
+        """The error every call raises now (vLLM returns one even while the engine is alive)."""
         c = self._client
-        return (
-            c.dead_error
-            if c is not None and c.dead_error is not None
-            else EngineDeadError("the engine is not dead")
-        )
+        if c is not None and c.dead_error is not None:
+            return c.dead_error
+        return EngineDeadError("the engine is not dead")
 
     def shutdown(self) -> None:
         """Stop the engine processes and free everything. Safe to call twice."""
@@ -93,14 +114,39 @@ class EngineFrontend:
     def _call(self, method: str, *args: Any):
         return self.client.call(method, *args)
 
+    # ---- config views, shared by the sync and async getters --------------------------------------
+
+    def _parallel_config(self) -> engine_configs.ParallelConfig:
+        return engine_configs.parallel_config(self._ready)
+
+    def _scheduler_config(self) -> engine_configs.SchedulerConfig:
+        return engine_configs.scheduler_config(self._ready)
+
+    def _cache_config(self) -> engine_configs.CacheConfig:
+        return engine_configs.cache_config(self._ready)
+
     def get_model_config_sync(self) -> ModelConfig:
         return self.model_config
 
     def __del__(self) -> None:
+        """A dropped engine stops its processes (vLLM users expect `del llm` to free the GPU)."""
         try:
-            self.shutdown()
+            if self._client is not None:
+                self._client.shutdown_soon()
         except Exception:
             pass
+
+
+def _check_sleep_args(level: int | None = None, tags: list[str] | None = None) -> None:
+    """Refuse bad arguments here, with a ValueError, rather than as a remote error."""
+    if level is not None and level not in (1, 2):
+        raise ValueError(f"sleep level must be 1 or 2, got {level!r}")
+    if tags is not None:
+        unknown = set(tags) - {"weights", "kv_cache"}
+        if unknown:
+            raise ValueError(
+                f"wake_up tags must be 'weights' and/or 'kv_cache', got {sorted(unknown)}"
+            )
 
 
 def _load_tokenizer(path: str):

@@ -8,10 +8,11 @@ from typing import Any
 
 import msgspec
 
-from zllm.frontend.engine_frontend import EngineFrontend
+from zllm.frontend.engine_configs import DecodingConfig, ParallelConfig, SchedulerConfig
+from zllm.frontend.engine_frontend import EngineFrontend, _check_sleep_args
 from zllm.frontend.input_processor import PromptType
 from zllm.frontend.outputs import RequestOutput
-from zllm.protocol.config import EngineArgs
+from zllm.protocol.config import EngineArgs, ModelConfig
 from zllm.protocol.messages import SchedulerStats
 from zllm.protocol.sampling_params import RequestOutputKind, SamplingParams
 
@@ -28,7 +29,13 @@ class LLM(EngineFrontend):
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = False,
     ) -> list[RequestOutput]:
-        """Run every prompt to completion; outputs come back in input order."""
+        """Run every prompt to completion; outputs come back in input order.
+
+        Blocks the calling thread, so it refuses to run on a thread whose event loop is running
+        (it would freeze that loop): it raises `RuntimeError` at once there. Use `AsyncLLM`, or
+        `await asyncio.to_thread(llm.generate, ...)`. Any other thread may call it, also while
+        other threads run their own loops or generate at the same time.
+        """
         _refuse_inside_running_loop("LLM.generate")
         if isinstance(prompts, str | dict) or (
             isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
@@ -53,9 +60,8 @@ class LLM(EngineFrontend):
                     raise item
                 results.append(item)
             return results
-        finally:
-            done = {r.request_id for r in locals().get("results", [])}
-            self.client.abort([rid for rid, _ in streams if rid not in done])
+        finally:  # an error or Ctrl-C midway: stop the rest (finished ones are unaffected)
+            self.client.abort([rid for rid, _ in streams])
 
     def chat(
         self,
@@ -84,18 +90,47 @@ class LLM(EngineFrontend):
         _refuse_inside_running_loop(f"LLM.{method}")
         return self._call(method, *args).result()
 
-    def get_tokenizer(self):
+    # ---- health and introspection (vLLM's names) ---------------------------------------------
+
+    def get_tokenizer(self, lora_request: Any = None):
         return self.tokenizer
 
-    def reset_prefix_cache(self) -> bool:
+    def get_model_config(self) -> ModelConfig:
+        return self.model_config
+
+    def get_parallel_config(self) -> ParallelConfig:
+        return self._parallel_config()
+
+    def get_scheduler_config(self) -> SchedulerConfig:
+        return self._scheduler_config()
+
+    def get_decoding_config(self) -> DecodingConfig:
+        return DecodingConfig()
+
+    def reset_prefix_cache(self, device: Any = None) -> bool:
         return self._utility("reset_prefix_cache")
 
     def get_stats(self) -> SchedulerStats:
         return msgspec.convert(self._utility("get_stats"), SchedulerStats)
 
     def check_health(self) -> None:
+        """Raise `EngineDeadError` if engine-core or a worker is gone."""
         self.client.check_alive()
         self._utility("check_health")
+
+    # ---- sleep mode (see `AsyncLLM.sleep`) -----------------------------------------------------
+
+    def sleep(self, level: int = 1) -> None:
+        """Level 1: weights to host memory, KV cache freed; level 2: weights dropped too."""
+        _check_sleep_args(level=level)
+        self._utility("sleep", level)
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        _check_sleep_args(tags=tags)
+        self._utility("wake_up", tags)
+
+    def is_sleeping(self) -> bool:
+        return self._utility("is_sleeping")
 
     def __enter__(self) -> LLM:
         return self

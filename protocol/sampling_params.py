@@ -20,6 +20,7 @@ class RequestOutputKind(enum.IntEnum):
 
 
 _EPS = 1e-5
+_MIN_TEMPERATURE = 1e-2  # vLLM raises smaller positive temperatures to this (inf/nan otherwise)
 
 
 class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True, dict=False):
@@ -51,19 +52,23 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True, dict=Fals
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        if self.stop is not None:
-            self.stop = [s for s in self.stop if s]
+        if self.seed == -1:
+            self.seed = None
         if self.logit_bias is not None:
             self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
         if self.top_k == -1:
             self.top_k = 0
         self._verify()
+        if 0.0 < self.temperature < _MIN_TEMPERATURE:
+            self.temperature = _MIN_TEMPERATURE
+        if self.greedy:  # as vLLM: the filters mean nothing for argmax
+            self.top_p, self.top_k, self.min_p = 1.0, 0, 0.0
 
     def _verify(self) -> None:
         def bad(field: str, rule: str, value: object) -> ValueError:
             return ValueError(f"SamplingParams.{field} {rule}, got {value!r}")
 
-        if not isinstance(self.n, int) or self.n < 1:
+        if not _is_int(self.n) or self.n < 1:
             raise bad("n", "must be an integer >= 1", self.n)
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
@@ -75,30 +80,36 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True, dict=Fals
             raise bad("temperature", "must be >= 0 (0 means greedy)", self.temperature)
         if not 0.0 < self.top_p <= 1.0:
             raise bad("top_p", "must be in (0, 1]", self.top_p)
-        if not isinstance(self.top_k, int) or self.top_k < 0:
+        if not _is_int(self.top_k) or self.top_k < 0:
             raise bad("top_k", "must be 0 or -1 (off) or a positive integer", self.top_k)
         if not 0.0 <= self.min_p <= 1.0:
             raise bad("min_p", "must be in [0, 1]", self.min_p)
-        if self.max_tokens is not None and self.max_tokens < 1:
+        if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
             raise bad(
                 "max_tokens", "must be >= 1 (or None for up to max_model_len)", self.max_tokens
             )
-        if self.min_tokens < 0:
+        if not _is_int(self.min_tokens) or self.min_tokens < 0:
             raise bad("min_tokens", "must be >= 0", self.min_tokens)
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise bad("min_tokens", f"must be <= max_tokens={self.max_tokens}", self.min_tokens)
-        if self.logprobs is not None and self.logprobs < 0:
-            raise bad("logprobs", "must be >= 0", self.logprobs)
-        if self.prompt_logprobs is not None and self.prompt_logprobs < 0:
-            raise bad("prompt_logprobs", "must be >= 0", self.prompt_logprobs)
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise bad("seed", "must be an integer or None", self.seed)
-        if self.stop_token_ids is not None and any(t < 0 for t in self.stop_token_ids):
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or value < -1):
+                raise bad(name, "must be None, -1 (whole vocabulary) or >= 0", value)
+        if self.seed is not None and not (_is_int(self.seed) and -(2**63) <= self.seed < 2**63):
+            raise bad("seed", "must be None or a 64-bit signed integer", self.seed)
+        if self.stop_token_ids is not None and any(
+            not _is_int(t) or t < 0 for t in self.stop_token_ids
+        ):
             raise bad("stop_token_ids", "must be non-negative token ids", self.stop_token_ids)
+        if self.stop is not None and any(not isinstance(s, str) or not s for s in self.stop):
+            raise bad("stop", "must be non-empty strings", self.stop)
         if self.stop and not self.detokenize:
             raise bad("stop", "needs detokenize=True", self.stop)
         if self.logit_bias is not None:
-            for value in self.logit_bias.values():
+            for token, value in self.logit_bias.items():
+                if token < 0:
+                    raise bad("logit_bias", "keys must be non-negative token ids", token)
                 if not -100.0 <= value <= 100.0:
                     raise bad("logit_bias", "values must be in [-100, 100]", value)
 
@@ -108,3 +119,7 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True, dict=Fals
 
     def clone(self, **changes: object) -> SamplingParams:
         return msgspec.structs.replace(self, **changes)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

@@ -8,19 +8,44 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Before torch loads: OpenMP busy-waiting makes the engines' processes and this one starve
+# each other on a 2-core machine.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 TINY_SHAPES = {
     "llama": dict(
-        model_type="llama", cls="LlamaConfig", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0, tie_word_embeddings=False,
+        model_type="llama",
+        cls="LlamaConfig",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
     ),
     "qwen2": dict(
-        model_type="qwen2", cls="Qwen2Config", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, rope_theta=1000000.0, tie_word_embeddings=True,
+        model_type="qwen2",
+        cls="Qwen2Config",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rope_theta=1000000.0,
+        tie_word_embeddings=True,
     ),
     "qwen3": dict(
-        model_type="qwen3", cls="Qwen3Config", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=32, rope_theta=1000000.0, tie_word_embeddings=False,
+        model_type="qwen3",
+        cls="Qwen3Config",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        rope_theta=1000000.0,
+        tie_word_embeddings=False,
     ),
 }
 
@@ -36,8 +61,12 @@ def build_tiny_checkpoint(kind: str, out: Path, tokenizer_dir: str, seed: int = 
     spec.pop("model_type")
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     config = config_cls(
-        vocab_size=len(tokenizer), max_position_embeddings=1024, bos_token_id=1, eos_token_id=2,
-        pad_token_id=2, **spec,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=1024,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+        **spec,
     )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -60,7 +89,10 @@ def default_model_path() -> str:
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory, default_model_path) -> dict[str, str]:
     root = tmp_path_factory.mktemp("tiny")
-    return {kind: str(build_tiny_checkpoint(kind, root / kind, default_model_path)) for kind in TINY_SHAPES}
+    return {
+        kind: str(build_tiny_checkpoint(kind, root / kind, default_model_path))
+        for kind in TINY_SHAPES
+    }
 
 
 def pytest_configure(config) -> None:

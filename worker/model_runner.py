@@ -11,7 +11,9 @@ from zllm.protocol.messages import Logprobs
 from zllm.protocol.sampling_params import SamplingParams
 from zllm.protocol.worker_messages import ExecuteModel, ModelOutput
 from zllm.worker.layers.attention import AttentionMetadata
-from zllm.worker.sampler import Sampler, SamplingRequest
+from zllm.worker.sampler import Sampler, SamplingRequest, gather_logprobs
+
+PROMPT_LOGPROBS_ROWS = 512  # prompt positions per logits matmul: bounds the [rows, V] buffer
 
 
 @dataclass
@@ -22,6 +24,20 @@ class RequestState:
     prompt_token_ids: list[int]
     output_token_ids: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
+    next_prompt_logprob: int = 1  # first prompt position whose logprob is still owed
+    # (ids, logprobs, ranks) on the host, sent with the request's next sampled token
+    pending_prompt_logprobs: list[tuple[torch.Tensor, ...]] = field(default_factory=list)
+
+
+@dataclass
+class _PromptRows:
+    """Hidden rows of one chunk that predict prompt tokens."""
+
+    key: str
+    first_row: int
+    targets: list[int]  # the prompt tokens those rows predict
+    k: int
+    targets_t: torch.Tensor | None = None  # on the device, copied before the forward
 
 
 class ModelRunner:
@@ -63,7 +79,7 @@ class ModelRunner:
             self.requests.pop(key, None)
         for new in step.new_requests:
             generator = None
-            if new.sampling_params.seed is not None:
+            if new.sampling_params.seed is not None and not new.sampling_params.greedy:
                 generator = torch.Generator(device=self.device)
                 generator.manual_seed(new.sampling_params.seed)
             self.requests[new.request_id] = RequestState(
@@ -75,8 +91,15 @@ class ModelRunner:
         meta_chunks = []
         sample_rows: list[int] = []
         sample_keys: list[str] = []
+        prompt_rows: list[_PromptRows] = []
         for chunk in step.chunks:
             n = len(chunk.token_ids)
+            state = self.requests.get(chunk.request_id)
+            if state is not None and state.params.prompt_logprobs is not None:
+                rows = self._plan_prompt_logprobs(state, chunk.request_id, chunk.start, n)
+                if rows is not None:
+                    rows.first_row += len(input_ids)
+                    prompt_rows.append(rows)
             input_ids.extend(chunk.token_ids)
             positions.extend(range(chunk.start, chunk.start + n))
             meta_chunks.append((chunk.start, n, chunk.block_ids))
@@ -84,47 +107,132 @@ class ModelRunner:
                 sample_rows.append(len(input_ids) - 1)
                 sample_keys.append(chunk.request_id)
 
+        # Host->device copies are queued without waiting; device->host copies are queued
+        # too, and complete when the sampled ids reach the host: one wait per step.
+        to_device = self.sampler.to_device
         meta = AttentionMetadata.build(meta_chunks, self.block_size, self.device)
-        ids_t = torch.tensor(input_ids, dtype=torch.long, device=self.device)
-        pos_t = torch.tensor(positions, dtype=torch.long, device=self.device)
+        ids_t = to_device(input_ids, torch.long)
+        pos_t = to_device(positions, torch.long)
+        sample_t = to_device(sample_rows, torch.long)
+        for rows in prompt_rows:
+            rows.targets_t = to_device(rows.targets, torch.long)
         hidden = self.model(ids_t, pos_t, self.kv_caches, meta)
-        if not sample_keys:
-            return ModelOutput(request_ids=[], sampled_token_ids=[])
-        logits = self.model.logits(hidden[torch.tensor(sample_rows, device=self.device)])
-        states = [self.requests[k] for k in sample_keys]
-        rows = [
-            SamplingRequest(
-                s.params,
-                s.prompt_token_ids,
-                s.output_token_ids,
-                s.generator,
-                self.config.eos_token_ids,
+        for rows in prompt_rows:
+            self.requests[rows.key].pending_prompt_logprobs.extend(
+                self._prompt_logprobs(hidden, rows)
             )
-            for s in states
-        ]
-        out = self.sampler(logits, rows)
-        token_ids = out.token_ids.tolist()  # the one host sync of the step
-        for state, token in zip(states, token_ids):
-            state.output_token_ids.append(token)
+        sampled: list[int] = []
         logprobs: list[Logprobs | None] = []
-        if out.logprobs is not None:
-            logprobs = [
-                _top_logprobs(out.logprobs[i], token_ids[i], s.params.logprobs)
-                if s.params.logprobs is not None
-                else None
-                for i, s in enumerate(states)
+        if sample_keys:
+            states = [self.requests[k] for k in sample_keys]
+            logits = self.model.logits(hidden[sample_t])
+            rows = [
+                SamplingRequest(
+                    s.params,
+                    s.prompt_token_ids,
+                    s.output_token_ids,
+                    s.generator,
+                    self.config.eos_token_ids,
+                )
+                for s in states
             ]
-        return ModelOutput(request_ids=sample_keys, sampled_token_ids=token_ids, logprobs=logprobs)
+            out = self.sampler(logits, rows)
+            gathered = self._gather_sample_logprobs(out.logprobs, out.token_ids, states)
+            sampled = out.token_ids.tolist()  # the step's wait for the device
+            for state, token in zip(states, sampled):
+                state.output_token_ids.append(token)
+            if gathered is not None:
+                logprobs = _split(gathered, [s.params.logprobs for s in states], self._top_k)
+        # Prompt logprobs gathered over the prefill chunks travel with the first sampled token.
+        prompt_logprobs = {}
+        for key in sample_keys:
+            state = self.requests[key]
+            if state.pending_prompt_logprobs:
+                prompt_logprobs[key] = _to_logprobs(state.pending_prompt_logprobs)
+                state.pending_prompt_logprobs = []
+        return ModelOutput(
+            request_ids=sample_keys,
+            sampled_token_ids=sampled,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+        )
+
+    # ---- logprobs ------------------------------------------------------------------------------
+
+    def _top_k(self, k: int) -> int:
+        return self.config.vocab_size if k == -1 else min(k, self.config.vocab_size)
+
+    def _gather_sample_logprobs(
+        self, raw: torch.Tensor | None, token_ids: torch.Tensor, states: list[RequestState]
+    ) -> tuple[torch.Tensor, ...] | None:
+        """Chosen token + top-k of the raw distribution for the whole batch, on the device."""
+        if raw is None:
+            return None
+        k_max = max(self._top_k(s.params.logprobs) for s in states if s.params.logprobs is not None)
+        return self._to_host(gather_logprobs(raw, token_ids, k_max))
+
+    def _to_host(self, tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """Queue copies to (pinned) host memory; read them only after the step's ids are in."""
+        if self.device.type == "cpu":
+            return tensors
+        return tuple(t.to("cpu", non_blocking=True) for t in tensors)
+
+    def _plan_prompt_logprobs(
+        self, state: RequestState, key: str, start: int, n: int
+    ) -> _PromptRows | None:
+        """Rows of this chunk whose next token is a prompt token not yet scored.
+
+        Position p predicts prompt token p + 1; a recomputed chunk (after preemption)
+        scores nothing twice.
+        """
+        prompt = state.prompt_token_ids
+        first = max(start, state.next_prompt_logprob - 1)
+        end = min(start + n, len(prompt) - 1)
+        if first >= end:
+            return None
+        state.next_prompt_logprob = end + 1
+        return _PromptRows(
+            key=key,
+            first_row=first - start,
+            targets=prompt[first + 1 : end + 1],
+            k=self._top_k(state.params.prompt_logprobs),
+        )
+
+    def _prompt_logprobs(
+        self, hidden: torch.Tensor, rows: _PromptRows
+    ) -> list[tuple[torch.Tensor, ...]]:
+        """Chosen + top-k logprobs of the rows predicting prompt tokens, left on the device."""
+        targets = rows.targets_t
+        parts = []
+        for lo in range(0, len(rows.targets), PROMPT_LOGPROBS_ROWS):
+            hi = min(lo + PROMPT_LOGPROBS_ROWS, len(rows.targets))
+            h = hidden[rows.first_row + lo : rows.first_row + hi]
+            logprobs = torch.log_softmax(self.model.logits(h).float(), dim=-1)
+            parts.append(self._to_host(gather_logprobs(logprobs, targets[lo:hi], rows.k)))
+        return parts
 
 
-def _top_logprobs(row: torch.Tensor, chosen: int, k: int) -> Logprobs:
-    """The chosen token's logprob and rank, then the top-k (vLLM's shape)."""
-    chosen_lp = row[chosen]
-    rank = int((row > chosen_lp).sum().item()) + 1
-    ids = [chosen]
-    lps = [float(chosen_lp)]
-    if k > 0:
-        top = row.topk(k)
-        ids += top.indices.tolist()
-        lps += top.values.tolist()
-    return Logprobs(token_ids=[ids], logprobs=[lps], ranks=[rank])
+def _split(
+    gathered: tuple[torch.Tensor, ...], ks: list[int | None], top_k
+) -> list[Logprobs | None]:
+    """One row per request, trimmed to the k it asked for (None: it asked for none)."""
+    ids, values, ranks = (t.tolist() for t in gathered)
+    out: list[Logprobs | None] = []
+    for i, k in enumerate(ks):
+        if k is None:
+            out.append(None)
+            continue
+        width = 1 + top_k(k)
+        out.append(
+            Logprobs(token_ids=[ids[i][:width]], logprobs=[values[i][:width]], ranks=[ranks[i]])
+        )
+    return out
+
+
+def _to_logprobs(parts: list[tuple[torch.Tensor, ...]]) -> Logprobs:
+    out = Logprobs(token_ids=[], logprobs=[], ranks=[])
+    for ids, values, ranks in parts:
+        out.token_ids.extend(ids.tolist())
+        out.logprobs.extend(values.tolist())
+        out.ranks.extend(ranks.tolist())
+    return out

@@ -1,9 +1,13 @@
 """Batched sampling on the device: one pass over `[S, V]` logits for any mix of parameters.
 
-Order (as vLLM): min-tokens and logit-bias masks, repetition/presence/frequency penalties,
-temperature, top-k, top-p, min-p, then sampling by the exponential race
-(argmax of p / q with q ~ Exp(1)), which needs one random row per request. Seeded requests
-draw their row from their own generator, so their tokens do not depend on the batch.
+Order (vLLM v1): raw logprobs (before anything touches the logits), min-tokens and
+logit-bias, repetition/presence/frequency penalties, greedy argmax, temperature, min-p,
+top-k, top-p, then the exponential race (argmax of p / q with q ~ Exp(1)), which needs
+one random row per request. Seeded requests draw their row from their own generator, so
+their tokens do not depend on what else is in the batch.
+
+Every per-request value is decided on the host and copied to the device without waiting
+(pinned, non-blocking), so the caller's copy of the sampled ids is the step's only sync.
 """
 
 from __future__ import annotations
@@ -35,45 +39,43 @@ class SamplerOutput:
 class Sampler:
     def __init__(self, vocab_size: int, device: torch.device) -> None:
         self.vocab_size = vocab_size
-        self.device = device
+        self.device = torch.device(device)
+
+    def to_device(self, values: list, dtype: torch.dtype) -> torch.Tensor:
+        """Host values on the device, without waiting for the work already queued there."""
+        if self.device.type == "cpu":
+            return torch.tensor(values, dtype=dtype)
+        return torch.tensor(values, dtype=dtype, pin_memory=True).to(self.device, non_blocking=True)
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRequest]) -> SamplerOutput:
+        params = [r.params for r in rows]
         logits = logits.float()
-        need_logprobs = any(r.params.logprobs is not None for r in rows)
+        need_logprobs = any(p.logprobs is not None for p in params)
         raw_logprobs = torch.log_softmax(logits, dim=-1) if need_logprobs else None
         logits = self._apply_masks(logits, rows)
         logits = self._apply_penalties(logits, rows)
 
-        params = [r.params for r in rows]
-        greedy = torch.tensor([p.greedy for p in params], device=self.device)
-        greedy_ids = logits.argmax(dim=-1)
-        if bool(greedy.all()):
-            return SamplerOutput(greedy_ids, raw_logprobs)
+        greedy = [p.greedy for p in params]
+        if all(greedy):
+            return SamplerOutput(logits.argmax(dim=-1), raw_logprobs)
+        greedy_ids = logits.argmax(dim=-1) if any(greedy) else None
 
-        temperature = torch.tensor(
-            [p.temperature if not p.greedy else 1.0 for p in params], device=self.device
+        temperature = self.to_device(
+            [1.0 if p.greedy else p.temperature for p in params], torch.float32
         )
         logits = logits / temperature.unsqueeze(1)
-        logits = self._top_k_top_p(logits, params)
-        probs = torch.softmax(logits, dim=-1)
-        if any(p.min_p > 0 for p in params):
-            min_p = torch.tensor([p.min_p for p in params], device=self.device)
-            threshold = probs.max(dim=-1, keepdim=True).values * min_p.unsqueeze(1)
-            probs = probs.masked_fill(probs < threshold, 0.0)
-        q = torch.empty_like(probs)
-        unseeded = [i for i, r in enumerate(rows) if r.generator is None]
-        if len(unseeded) == len(rows):
-            q.exponential_()
-        else:
-            if unseeded:
-                q[unseeded] = torch.empty_like(q[unseeded]).exponential_()
-            for i, r in enumerate(rows):
-                if r.generator is not None:
-                    q[i].exponential_(generator=r.generator)
-        sampled = (probs / q).argmax(dim=-1)
-        return SamplerOutput(torch.where(greedy, greedy_ids, sampled), raw_logprobs)
+        logits = self._min_p(logits, params)
+        logits = self._top_k(logits, params)
+        logits = self._top_p(logits, params)
+        sampled = self._random_sample(torch.softmax(logits, dim=-1), rows)
+        if greedy_ids is not None:
+            sampled = torch.where(self.to_device(greedy, torch.bool), greedy_ids, sampled)
+        return SamplerOutput(sampled, raw_logprobs)
+
+    # ---- before temperature (greedy rows see these too) -----------------------------------------
 
     def _apply_masks(self, logits: torch.Tensor, rows: list[SamplingRequest]) -> torch.Tensor:
+        """Logit bias, then -inf on stop tokens while a request is below `min_tokens`."""
         banned_rows: list[int] = []
         banned_cols: list[int] = []
         bias_rows: list[int] = []
@@ -85,7 +87,7 @@ class Sampler:
                 stop_ids = set(p.stop_token_ids or [])
                 if not p.ignore_eos:
                     stop_ids |= set(r.eos_token_ids)
-                for t in stop_ids:
+                for t in sorted(stop_ids):
                     if t < self.vocab_size:
                         banned_rows.append(i)
                         banned_cols.append(t)
@@ -96,25 +98,21 @@ class Sampler:
                         bias_cols.append(t)
                         bias_vals.append(b)
         if bias_rows:
+            index = (self.to_device(bias_rows, torch.long), self.to_device(bias_cols, torch.long))
             logits = logits.index_put(
-                (
-                    torch.tensor(bias_rows, device=self.device),
-                    torch.tensor(bias_cols, device=self.device),
-                ),
-                torch.tensor(bias_vals, device=self.device),
-                accumulate=True,
+                index, self.to_device(bias_vals, torch.float32), accumulate=True
             )
         if banned_rows:
-            logits = logits.index_put(
-                (
-                    torch.tensor(banned_rows, device=self.device),
-                    torch.tensor(banned_cols, device=self.device),
-                ),
-                torch.tensor(float("-inf"), device=self.device),
+            index = (
+                self.to_device(banned_rows, torch.long),
+                self.to_device(banned_cols, torch.long),
             )
+            banned = torch.full((len(banned_rows),), float("-inf"), device=self.device)
+            logits = logits.index_put(index, banned)
         return logits
 
     def _apply_penalties(self, logits: torch.Tensor, rows: list[SamplingRequest]) -> torch.Tensor:
+        """Repetition over prompt + output tokens; frequency and presence over output tokens."""
         params = [r.params for r in rows]
         if not any(
             p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty for p in params
@@ -122,45 +120,90 @@ class Sampler:
             return logits
         s, v = logits.shape
         output_counts = self._counts([r.output_token_ids for r in rows], s, v)
-        prompt_seen = self._counts([r.prompt_token_ids for r in rows], s, v) > 0
-        rep = torch.tensor([p.repetition_penalty for p in params], device=self.device).unsqueeze(1)
-        seen = prompt_seen | (output_counts > 0)
-        penalized = torch.where(logits > 0, logits / rep, logits * rep)
-        logits = torch.where(seen, penalized, logits)
-        freq = torch.tensor([p.frequency_penalty for p in params], device=self.device).unsqueeze(1)
-        pres = torch.tensor([p.presence_penalty for p in params], device=self.device).unsqueeze(1)
-        return logits - freq * output_counts - pres * (output_counts > 0).float()
+        output_seen = output_counts > 0
+        if any(p.repetition_penalty != 1.0 for p in params):
+            prompt_seen = self._counts([r.prompt_token_ids for r in rows], s, v) > 0
+            rep = self.to_device([p.repetition_penalty for p in params], torch.float32)
+            rep = torch.where(prompt_seen | output_seen, rep.unsqueeze(1), 1.0)
+            logits = torch.where(logits > 0, logits / rep, logits * rep)
+        freq = self.to_device([p.frequency_penalty for p in params], torch.float32).unsqueeze(1)
+        pres = self.to_device([p.presence_penalty for p in params], torch.float32).unsqueeze(1)
+        return logits - freq * output_counts - pres * output_seen.float()
 
     def _counts(self, token_lists: list[list[int]], s: int, v: int) -> torch.Tensor:
-        counts = torch.zeros(s, v, device=self.device)
+        """`[S, V]` occurrences of each token id in each row's list."""
         width = max((len(t) for t in token_lists), default=0)
-        if width == 0:
-            return counts
-        padded = torch.full((s, width), v, dtype=torch.long)
-        for i, tokens in enumerate(token_lists):
-            padded[i, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-        padded = padded.to(self.device)
         extended = torch.zeros(s, v + 1, device=self.device)
-        extended.scatter_add_(1, padded, torch.ones_like(padded, dtype=extended.dtype))
+        if width == 0:
+            return extended[:, :v]
+        padded = [list(t) + [v] * (width - len(t)) for t in token_lists]  # v: a dropped column
+        index = self.to_device(padded, torch.long)
+        extended.scatter_add_(1, index, torch.ones_like(index, dtype=extended.dtype))
         return extended[:, :v]
 
-    def _top_k_top_p(self, logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-        use_k = any(p.top_k > 0 for p in params)
-        use_p = any(p.top_p < 1.0 for p in params)
-        if not (use_k or use_p):
+    # ---- random rows only ------------------------------------------------------------------------
+
+    def _min_p(self, logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+        """Drop tokens less likely than `min_p` times the most likely one."""
+        if not any(p.min_p > 0 for p in params):
             return logits
+        probs = torch.softmax(logits, dim=-1)
+        min_p = self.to_device([p.min_p for p in params], torch.float32).unsqueeze(1)
+        threshold = probs.amax(dim=-1, keepdim=True) * min_p
+        return logits.masked_fill(probs < threshold, float("-inf"))
+
+    def _top_k(self, logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+        """Keep the k best of each row; ties with the k-th stay (vLLM)."""
         v = logits.shape[1]
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        remove = torch.zeros_like(sorted_logits, dtype=torch.bool)
-        if use_k:
-            k = torch.tensor([p.top_k if p.top_k > 0 else v for p in params], device=self.device)
-            remove |= torch.arange(v, device=self.device).unsqueeze(0) >= k.clamp(max=v).unsqueeze(
-                1
-            )
-        if use_p:
-            top_p = torch.tensor([p.top_p for p in params], device=self.device).unsqueeze(1)
-            probs = torch.softmax(sorted_logits.masked_fill(remove, float("-inf")), dim=-1)
-            before = probs.cumsum(dim=-1) - probs  # mass of strictly better tokens
-            remove |= before >= top_p
-        sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
-        return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+        if not any(0 < p.top_k < v for p in params):
+            return logits
+        max_k = max(p.top_k for p in params if 0 < p.top_k < v)
+        k = self.to_device([p.top_k if 0 < p.top_k < v else max_k for p in params], torch.long)
+        kth = logits.topk(max_k, dim=-1).values.gather(1, (k - 1).unsqueeze(1))
+        off = self.to_device([not 0 < p.top_k < v for p in params], torch.bool).unsqueeze(1)
+        return logits.masked_fill((logits < kth) & ~off, float("-inf"))
+
+    def _top_p(self, logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+        """Keep the smallest set of best tokens whose mass reaches p. Only rows that ask are
+        sorted (a sort of the vocabulary is the most expensive step here)."""
+        rows = [i for i, p in enumerate(params) if p.top_p < 1.0]
+        if not rows:
+            return logits
+        every_row = len(rows) == len(params)
+        index = None if every_row else self.to_device(rows, torch.long)
+        sub = logits if index is None else logits.index_select(0, index)
+        top_p = self.to_device([params[i].top_p for i in rows], torch.float32).unsqueeze(1)
+        sorted_logits, order = sub.sort(dim=-1, descending=False)
+        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        remove = cumulative <= 1.0 - top_p  # the mass of this token and all worse ones
+        remove[:, -1] = False  # the best token always stays
+        sub = sub.masked_fill(torch.empty_like(remove).scatter_(1, order, remove), float("-inf"))
+        return sub if index is None else logits.index_copy(0, index, sub)
+
+    def _random_sample(self, probs: torch.Tensor, rows: list[SamplingRequest]) -> torch.Tensor:
+        """argmax(p / q), q ~ Exp(1): a draw from p. Seeded rows use their own generator."""
+        seeded = [(i, r.generator) for i, r in enumerate(rows) if r.generator is not None]
+        if any(r.generator is None and not r.params.greedy for r in rows):
+            q = torch.empty_like(probs).exponential_()  # seeded rows' are replaced below
+        else:  # only seeded (and greedy, whose draw is ignored) rows
+            q = torch.ones_like(probs)
+        for i, generator in seeded:
+            q[i].exponential_(generator=generator)
+        # exponential_ may return exactly 0; keep p / q finite for zero-probability tokens.
+        return (probs / q.clamp_(min=torch.finfo(q.dtype).tiny)).argmax(dim=-1)
+
+
+def gather_logprobs(
+    logprobs: torch.Tensor, token_ids: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For each row: the given token's logprob and rank (1 = best, ties counted as vLLM),
+    then the k best; as `[R, 1 + k]` ids and logprobs and `[R]` ranks, still on the device."""
+    chosen = logprobs.gather(1, token_ids.unsqueeze(1))
+    ranks = (logprobs >= chosen).sum(dim=-1)
+    if k > 0:
+        top = logprobs.topk(min(k, logprobs.shape[1]), dim=-1)
+        ids = torch.cat([token_ids.unsqueeze(1), top.indices], dim=1)
+        values = torch.cat([chosen, top.values], dim=1)
+    else:
+        ids, values = token_ids.unsqueeze(1), chosen
+    return ids, values, ranks

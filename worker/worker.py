@@ -57,12 +57,17 @@ class Worker:
                 backend, init_method=dist_init_method, rank=rank, world_size=world_size
             )
         torch.manual_seed(engine_args.seed)
+        if (
+            self.device.type == "cpu" and world_size > 1
+        ):  # ranks share the cores: don't oversubscribe
+            torch.set_num_threads(max(1, torch.get_num_threads() // world_size))
         self.model = load_model(model_config, self.device, self.dtype, progress=rank == 0)
         self.num_kv_heads = model_config.num_key_value_heads // world_size
         self.runner = ModelRunner(self.model, model_config, self.device, engine_args.block_size)
         self.num_kv_blocks = 0
-        self.host_weights: dict[str, torch.Tensor] | None = None  # level-1 sleep keeps them here
-        self.weights_dropped = False
+        self.weights_where = "device"  # "device" | "host" (level-1 sleep) | "dropped" (level 2)
+        self.host_weights: dict[str, torch.Tensor] | None = None
+        self.kv_asleep = False
 
     # ---- KV cache sizing -------------------------------------------------------------------------
 
@@ -117,34 +122,70 @@ class Worker:
     def ping(self) -> int:
         return os.getpid()
 
-    def sleep(self, level: int = 1) -> None:
-        """Level 1: weights to host memory, KV cache freed. Level 2: weights dropped too."""
+    # ---- sleep mode ------------------------------------------------------------------------------
+
+    def sleep(self, level: int = 1) -> list[str]:
+        """Free this rank's device memory; return what is asleep.
+
+        Level 1: weights (and buffers) copied to host memory, KV cache freed. Level 2: weights
+        dropped too, re-read from the checkpoint on wake-up. Every device tensor loses its last
+        reference before `empty_cache`, so the allocator really hands the memory back.
+        """
+        if level not in (1, 2):
+            raise ValueError(f"sleep level must be 1 or 2, got {level}")
         self.runner.free_kv_cache()
-        if self.host_weights is None and not self.weights_dropped:
-            params = dict(self.model.named_parameters())
-            self.host_weights = (
-                {k: v.data.to("cpu", copy=True) for k, v in params.items()} if level == 1 else None
-            )
-            for p in params.values():
-                p.data = torch.empty(0, dtype=p.dtype, device=self.device)
-            self.weights_dropped = True
+        self.kv_asleep = True
+        if self.weights_where == "device" or (level == 2 and self.weights_where == "host"):
+            keep = level == 1 and self.weights_where == "device"
+            self.host_weights = {} if keep else None
+            for name, module, attr, tensor in self._device_tensors():
+                if keep:
+                    self.host_weights[name] = _to_host(tensor)
+                _replace(module, attr, torch.empty(0, dtype=tensor.dtype, device=self.device))
+            self.weights_where = "host" if keep else "dropped"
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+        return self.asleep()
 
-    def wake_up(self, tags: list[str] | None = None) -> None:
-        tags = tags or ["weights", "kv_cache"]
-        if "weights" in tags and self.weights_dropped:
-            if self.host_weights is not None:
-                for name, p in self.model.named_parameters():
-                    p.data = self.host_weights[name].to(self.device)
-            else:  # level 2: read the checkpoint again
-                self.model = load_model(self.model_config, self.device, self.dtype, progress=False)
-                self.runner.model = self.model
+    def wake_up(self, tags: list[str] | None = None) -> list[str]:
+        """Bring back `tags` ("weights", "kv_cache"; None: both); return what is still asleep."""
+        tags = ["weights", "kv_cache"] if tags is None else tags
+        if "weights" in tags and self.weights_where == "host":
+            assert self.host_weights is not None
+            modules = dict(self.model.named_modules())
+            for name, tensor in self.host_weights.items():
+                module_name, _, attr = name.rpartition(".")
+                _replace(modules[module_name], attr, tensor.to(self.device))
             self.host_weights = None
-            self.weights_dropped = False
-        if "kv_cache" in tags and not self.runner.kv_caches:
+            self.weights_where = "device"
+        elif "weights" in tags and self.weights_where == "dropped":
+            self.model = load_model(self.model_config, self.device, self.dtype, progress=False)
+            self.runner.model = self.model
+            self.weights_where = "device"
+        if "kv_cache" in tags and self.kv_asleep:
             self.runner.allocate_kv_cache(self.num_kv_blocks, self.num_kv_heads)
+            self.kv_asleep = False
+        return self.asleep()
+
+    def asleep(self) -> list[str]:
+        asleep = ["weights"] if self.weights_where != "device" else []
+        return asleep + ["kv_cache"] if self.kv_asleep else asleep
+
+    def _device_tensors(self) -> list[tuple[str, torch.nn.Module, str, torch.Tensor]]:
+        """(qualified name, owning module, attribute, tensor) for every parameter and buffer."""
+        found = []
+        seen: set[int] = set()  # tied weights: one tensor, offloaded once
+        for module_name, module in self.model.named_modules():
+            for attr, tensor in [*module._parameters.items(), *module._buffers.items()]:
+                if tensor is None:
+                    continue
+                name = f"{module_name}.{attr}" if module_name else attr
+                if id(tensor) in seen:
+                    continue
+                seen.add(id(tensor))
+                found.append((name, module, attr, tensor))
+        return found
 
     def call(self, method: str, args: list) -> object:
         if method not in self.CALLABLE:
@@ -154,3 +195,22 @@ class Worker:
     def shutdown(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """A host copy; pinned when it comes from CUDA, so waking up copies at full speed."""
+    if tensor.device.type == "cpu":
+        return tensor.detach()  # already there: keep the storage, not the (emptied) Parameter
+    host = torch.empty(
+        tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=tensor.device.type == "cuda"
+    )
+    host.copy_(tensor.detach())
+    return host
+
+
+def _replace(module: torch.nn.Module, attr: str, tensor: torch.Tensor) -> None:
+    """Point a module's parameter or buffer at `tensor`, dropping the old storage."""
+    if attr in module._parameters:
+        module._parameters[attr].data = tensor
+    else:
+        module._buffers[attr] = tensor
