@@ -33,6 +33,7 @@ def main() -> None:
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--shape", default="qwen2.5-0.5b")
+    parser.add_argument("--dtype", default="auto")
     args = parser.parse_args()
     path = Path(tempfile.mkdtemp(prefix="zllm-sleep-"))
     model = make_checkpoint(args.shape, path)
@@ -42,8 +43,11 @@ def main() -> None:
     baseline = used_bytes()
     prompts = [{"prompt_token_ids": list(range(10 + i, 60 + i))} for i in range(4)]
     params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, detokenize=False)
-    llm = LLM(str(path), skip_tokenizer_init=True)
+    llm = LLM(str(path), skip_tokenizer_init=True, dtype=args.dtype)
     before = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    llm.reset_prefix_cache()
+    again = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    print(json.dumps({"repeat_without_sleep_equal": again == before}), flush=True)
     awake = used_bytes() - baseline
     rows = []
     for level in (1, 2):
@@ -59,6 +63,7 @@ def main() -> None:
         rows.append(
             {
                 "shape": args.shape,
+                "dtype": args.dtype,
                 "level": level,
                 "awake_gib": round(awake / 2**30, 3),
                 "asleep_gib": round(asleep / 2**30, 3),
@@ -66,6 +71,10 @@ def main() -> None:
                 "sleep_s": round(sleep_s, 3),
                 "wake_s": round(wake_s, 3),
                 "outputs_equal": after == before,
+                "first_divergence": [
+                    next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+                    for a, b in zip(after, before)
+                ],
             }
         )
     llm.shutdown()
