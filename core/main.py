@@ -17,7 +17,7 @@ from zllm.protocol.process import die_with_parent, remove_socket_file
 
 def configure_logging() -> None:
     logging.basicConfig(
-        level=os.environ.get("ZLLM_LOG_LEVEL", "WARNING"),
+        level=os.environ.get("ZLLM_LOG_LEVEL", "INFO"),
         format="%(asctime)s engine-core %(levelname)s %(message)s",
     )
 

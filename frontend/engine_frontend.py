@@ -57,14 +57,25 @@ class EngineFrontend:
     def _add_request(
         self, prompt: PromptType, params: SamplingParams | None, request_id: str | None
     ) -> tuple[str, RequestStream]:
+        return self._submit(self._prepare(prompt, params, request_id))
+
+    def _prepare(
+        self, prompt: PromptType, params: SamplingParams | None, request_id: str | None
+    ) -> tuple[str, str | None, list[int], SamplingParams]:
+        """Tokenize and check one request (raises `ValueError`); nothing is sent yet."""
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
         text, ids = self.processor.tokenize(prompt)
         self.processor.check(ids, params)
-        request_id = (
-            request_id if request_id is not None else f"{uuid.uuid4().hex[:12]}-{next(self._ids)}"
-        )
+        if request_id is None:
+            request_id = f"{uuid.uuid4().hex[:12]}-{next(self._ids)}"
+        return request_id, text, ids, params
+
+    def _submit(
+        self, prepared: tuple[str, str | None, list[int], SamplingParams]
+    ) -> tuple[str, RequestStream]:
+        request_id, text, ids, params = prepared
         return request_id, self.client.add_request(request_id, text, ids, params)
 
     @property

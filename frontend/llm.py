@@ -49,10 +49,13 @@ class LLM(EngineFrontend):
             if len(params_list) != len(prompts):
                 raise ValueError(f"{len(prompts)} prompts but {len(params_list)} sampling params")
         params_list = [p.clone(output_kind=RequestOutputKind.FINAL_ONLY) for p in params_list]
+        # Every prompt is checked before any is sent: a bad one costs the others nothing, and
+        # the whole batch reaches the engine together.
+        prepared = [self._prepare(p, sp, None) for p, sp in zip(prompts, params_list)]
         streams = []
         try:
-            for prompt, params in zip(prompts, params_list):
-                streams.append(self._add_request(prompt, params, None))
+            for request in prepared:
+                streams.append(self._submit(request))
             results = []
             for _, stream in streams:
                 item = stream.get_blocking()

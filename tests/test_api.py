@@ -158,6 +158,17 @@ def test_llm_generate_keeps_input_order(llm: LLM) -> None:
         llm.generate(PROMPTS, per_prompt[:2])
 
 
+def test_a_bad_prompt_in_a_batch_sends_nothing(llm: LLM) -> None:
+    too_long = {"prompt_token_ids": [1] * 2000}  # beyond max_model_len=1024
+    steps_before = llm.get_stats().num_steps
+    with pytest.raises(ValueError, match="max_model_len"):
+        llm.generate([PROMPTS[0], too_long, PROMPTS[1]], GREEDY)
+    stats = llm.get_stats()
+    assert stats.num_steps == steps_before  # the good prompts never reached the engine
+    assert stats.num_running == stats.num_waiting == stats.kv_blocks_used == 0
+    assert [o.prompt for o in llm.generate(PROMPTS[:2], GREEDY)] == PROMPTS[:2]
+
+
 @pytest.mark.timeout(120)
 def test_chat_answers(llm: LLM) -> None:
     params = SamplingParams(max_tokens=30, temperature=0.0)
