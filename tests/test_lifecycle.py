@@ -13,9 +13,9 @@ import time
 
 import psutil
 import pytest
-from scripts.scenario_process import ScenarioProcess, single_threaded_engines
+from scripts.scenario_process import ScenarioProcess, tiny_async_engine
 
-from zllm import AsyncLLM, EngineArgs, SamplingParams
+from zllm import AsyncLLM, SamplingParams
 
 LONG = SamplingParams(max_tokens=200, ignore_eos=True, temperature=0)
 SHORT = SamplingParams(max_tokens=8, temperature=0)
@@ -36,14 +36,7 @@ def scenarios(tiny_checkpoints):
 
 @pytest.fixture(scope="module")
 def engine(tiny_checkpoints, scenarios):
-    with single_threaded_engines():
-        engine = AsyncLLM(
-            EngineArgs(
-                model=tiny_checkpoints["llama"],
-                distributed_executor_backend="uni",
-                kv_cache_memory_bytes=2**24,
-            )
-        )
+    engine = tiny_async_engine(tiny_checkpoints["llama"])
     yield engine
     engine.shutdown()
 

@@ -8,7 +8,7 @@ import time
 
 import pytest
 import torch
-from scripts.scenario_process import single_threaded_engines
+from scripts.scenario_process import tiny_async_engine
 
 from zllm import AsyncLLM, EngineArgs, SamplingParams
 from zllm.protocol.config import ModelConfig
@@ -20,14 +20,7 @@ GREEDY = SamplingParams(max_tokens=12, temperature=0)
 
 @pytest.fixture(scope="module")
 def engine(tiny_checkpoints):
-    with single_threaded_engines():
-        engine = AsyncLLM(
-            EngineArgs(
-                model=tiny_checkpoints["llama"],
-                distributed_executor_backend="uni",
-                kv_cache_memory_bytes=2**24,
-            )
-        )
+    engine = tiny_async_engine(tiny_checkpoints["llama"])
     yield engine
     engine.shutdown()
 

@@ -32,6 +32,16 @@ def single_threaded_engines() -> Iterator[None]:
             os.environ["OMP_NUM_THREADS"] = old
 
 
+def tiny_async_engine(path: str):
+    """An `AsyncLLM` on a tiny checkpoint: worker in-process, small KV pool, one torch thread."""
+    from zllm import AsyncLLM, EngineArgs
+
+    with single_threaded_engines():
+        return AsyncLLM(
+            EngineArgs(model=path, distributed_executor_backend="uni", kv_cache_memory_bytes=2**24)
+        )
+
+
 class ScenarioProcess:
     def __init__(self, script: str, *args: str) -> None:
         self.name = " ".join([script, *args[:1]])
