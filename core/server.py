@@ -31,6 +31,7 @@ from zllm.protocol.messages import (
     PROTOCOL_VERSION,
     AbortRequests,
     AddRequest,
+    AddRequests,
     EngineDead,
     Goodbye,
     Hello,
@@ -260,12 +261,13 @@ class EngineCoreServer:
     def _handle(self, client: bytes, message: Any) -> None:
         engine = self.engine
         assert engine is not None
-        if isinstance(message, AddRequest):
-            refusal = engine.add_request(client, message)
-            if refusal is not None:
+        if isinstance(message, AddRequest | AddRequests):
+            adds = message.requests if isinstance(message, AddRequests) else [message]
+            refusals = [r for r in (engine.add_request(client, a) for a in adds) if r is not None]
+            if refusals:
                 self._send(
                     client,
-                    StepOutputs(updates=[refusal], stats=engine.stats(), timestamp=time.time()),
+                    StepOutputs(updates=refusals, stats=engine.stats(), timestamp=time.time()),
                 )
         elif isinstance(message, AbortRequests):
             engine.abort([engine.request_key(client, rid) for rid in message.request_ids])

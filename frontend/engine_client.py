@@ -17,6 +17,7 @@ from __future__ import annotations
 import atexit
 import collections
 import concurrent.futures
+import contextlib
 import itertools
 import logging
 import os
@@ -29,6 +30,7 @@ import threading
 import time
 import uuid
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +47,7 @@ from zllm.protocol.messages import (
     PROTOCOL_VERSION,
     AbortRequests,
     AddRequest,
+    AddRequests,
     EngineDead,
     Goodbye,
     Hello,
@@ -108,6 +111,7 @@ class EngineClient:
         self.ready: Ready | None = None
         self.io_thread: threading.Thread | None = None
         self._closed = False
+        self._held = 0  # > 0 inside `holding()`
         self._shutdown_requested = False
         self._shutdown_started = False
         self._shutdown_thread: threading.Thread | None = None
@@ -291,6 +295,8 @@ class EngineClient:
         self._wake()
 
     def _wake(self) -> None:
+        if self._held:
+            return
         try:
             self._wake_w.send(b"\0")
         except (BlockingIOError, OSError):
@@ -340,12 +346,34 @@ class EngineClient:
                 return
 
     def _flush_outgoing(self) -> None:
+        """Send what callers queued, in order; adjacent adds travel as one `AddRequests`."""
+        adds: list[AddRequest] = []
         while True:
             try:
                 message = self.outgoing.get_nowait()
             except queue.Empty:
+                message = None
+            if isinstance(message, AddRequest):
+                adds.append(message)
+                continue
+            if adds:
+                self.input.send(encode(adds[0] if len(adds) == 1 else AddRequests(requests=adds)))
+                adds = []
+            if message is None:
                 return
             self.input.send(encode(message))
+
+    @contextlib.contextmanager
+    def holding(self) -> Iterator[None]:
+        """Queue requests without waking the I/O thread, then send them together."""
+        with self.lock:
+            self._held += 1
+        try:
+            yield
+        finally:
+            with self.lock:
+                self._held -= 1
+            self._wake()
 
     def _on_frame(self, frame: bytes) -> None:
         try:

@@ -54,8 +54,9 @@ class LLM(EngineFrontend):
         prepared = [self._prepare(p, sp, None) for p, sp in zip(prompts, params_list)]
         streams = []
         try:
-            for request in prepared:
-                streams.append(self._submit(request))
+            with self.client.holding():
+                for request in prepared:
+                    streams.append(self._submit(request))
             results = []
             for _, stream in streams:
                 item = stream.get_blocking()

@@ -39,6 +39,13 @@ class AddRequest(msgspec.Struct, **_STRUCT):
     arrival_time: float = 0.0
 
 
+class AddRequests(msgspec.Struct, **_STRUCT):
+    """Several requests in one frame, so the engine admits them in the same step: an offline
+    batch then always meets the same batch composition (and gets the same tokens)."""
+
+    requests: list[AddRequest]
+
+
 class AbortRequests(msgspec.Struct, **_STRUCT):
     request_ids: list[str]
 
@@ -55,7 +62,7 @@ class Goodbye(msgspec.Struct, **_STRUCT):
     """The client is leaving: abort whatever it still has running."""
 
 
-ClientMessage = Union[Hello, AddRequest, AbortRequests, UtilityCall, Goodbye]
+ClientMessage = Union[Hello, AddRequest, AddRequests, AbortRequests, UtilityCall, Goodbye]
 
 
 # ---- engine-core -> frontend (output socket) ------------------------------------------

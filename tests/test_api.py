@@ -158,6 +158,16 @@ def test_llm_generate_keeps_input_order(llm: LLM) -> None:
         llm.generate(PROMPTS, per_prompt[:2])
 
 
+def test_a_batch_reaches_the_engine_together(llm: LLM) -> None:
+    # One frame for the whole batch: the first step prefills all four prompts, so the same
+    # batch always meets the same batch composition (bf16 tokens depend on it).
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    for _ in range(3):
+        before = llm.get_stats().num_steps
+        llm.generate(PROMPTS, params)
+        assert llm.get_stats().num_steps - before == 6  # one step per token, all in step
+
+
 def test_a_bad_prompt_in_a_batch_sends_nothing(llm: LLM) -> None:
     too_long = {"prompt_token_ids": [1] * 2000}  # beyond max_model_len=1024
     steps_before = llm.get_stats().num_steps

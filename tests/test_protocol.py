@@ -66,6 +66,12 @@ CLIENT_MESSAGES = [
     m.AddRequest(
         request_id="r1", prompt_token_ids=[1, 2, 3], sampling_params=PARAMS, arrival_time=1.5
     ),
+    m.AddRequests(
+        requests=[
+            m.AddRequest(request_id="r2", prompt_token_ids=[4], sampling_params=PARAMS),
+            m.AddRequest(request_id="r3", prompt_token_ids=[5, 6], sampling_params=PARAMS),
+        ]
+    ),
     m.AbortRequests(request_ids=["r1", "r2"]),
     m.UtilityCall(call_id=3, method="sleep", args=[2]),
     m.Goodbye(),
