@@ -1,6 +1,6 @@
 """The engine-core process: sockets to frontends, an input thread, an output thread and the busy loop.
 
-    input ROUTER  (bound) <- each client's DEALER: AddRequest, AbortRequests, UtilityCall, Goodbye
+    input ROUTER  (bound) <- each client's DEALER: AddRequest(s), AbortRequests, UtilityCall, Goodbye
     output ROUTER (bound) -> each client's DEALER: Ready, StepOutputs, UtilityReply, EngineDead
                           <- Hello (sent on the output socket so the core can route back to it)
 
