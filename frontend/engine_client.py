@@ -107,7 +107,6 @@ class EngineClient:
         self.calls: dict[int, concurrent.futures.Future] = {}
         self.call_ids = itertools.count()
         self.dead_error: EngineDeadError | None = None
-        self.last_stats = None
         self.ready: Ready | None = None
         self.io_thread: threading.Thread | None = None
         self._closed = False
@@ -277,10 +276,6 @@ class EngineClient:
         if self._closed:
             raise EngineDeadError("the engine was shut down")
 
-    @property
-    def num_unfinished_requests(self) -> int:
-        return len(self.requests)
-
     def shutdown_soon(self) -> None:
         """`shutdown` from a finalizer: the GC may run it on any thread, even the I/O thread
         while it holds the lock, so the I/O thread does the shutdown."""
@@ -395,8 +390,6 @@ class EngineClient:
             self._die(message.error)
 
     def _on_outputs(self, message: StepOutputs) -> None:
-        if message.stats is not None:
-            self.last_stats = message.stats
         to_abort: list[str] = []
         now = message.timestamp or time.time()
         with self.lock:  # `abort` from another thread must not interleave with an update

@@ -27,13 +27,6 @@ class SchedulerConfig(msgspec.Struct, frozen=True, kw_only=True):
     policy: str = "fcfs"
 
 
-class CacheConfig(msgspec.Struct, frozen=True, kw_only=True):
-    block_size: int
-    num_gpu_blocks: int  # vLLM's name; on CPU these blocks live in host memory
-    enable_prefix_caching: bool
-    gpu_memory_utilization: float
-
-
 class DecodingConfig(msgspec.Struct, frozen=True, kw_only=True):
     """Structured output settings; zllm has no structured output backend yet."""
 
@@ -56,14 +49,4 @@ def scheduler_config(ready: Ready) -> SchedulerConfig:
         max_num_batched_tokens=ready.max_num_batched_tokens,
         max_model_len=ready.model_config.max_model_len,
         enable_chunked_prefill=args.enable_chunked_prefill,
-    )
-
-
-def cache_config(ready: Ready) -> CacheConfig:
-    args = ready.engine_args
-    return CacheConfig(
-        block_size=args.block_size,
-        num_gpu_blocks=ready.num_kv_blocks,
-        enable_prefix_caching=args.enable_prefix_caching,
-        gpu_memory_utilization=args.gpu_memory_utilization,
     )

@@ -133,12 +133,6 @@ class EngineFrontend:
     def _scheduler_config(self) -> engine_configs.SchedulerConfig:
         return engine_configs.scheduler_config(self._ready)
 
-    def _cache_config(self) -> engine_configs.CacheConfig:
-        return engine_configs.cache_config(self._ready)
-
-    def get_model_config_sync(self) -> ModelConfig:
-        return self.model_config
-
     def __del__(self) -> None:
         """A dropped engine stops its processes (vLLM users expect `del llm` to free the GPU)."""
         try:
