@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import signal
 import socket
 import subprocess
 import sys
@@ -22,6 +21,7 @@ import zmq
 from zllm.core.executor import Executor, WorkerDiedError
 from zllm.protocol.config import EngineArgs, ModelConfig
 from zllm.protocol.process import (
+    describe_exit,
     private_ipc_address,
     remove_socket_file,
     restrict_socket_file,
@@ -146,12 +146,7 @@ class MultiprocExecutor(Executor):
         for rank, proc in enumerate(self.procs):
             code = proc.poll()
             if code is not None:
-                how = (
-                    f"was killed by {_signal_name(-code)}"
-                    if code < 0
-                    else f"exited with code {code}"
-                )
-                raise WorkerDiedError(f"worker rank {rank} (pid {proc.pid}) {how}")
+                raise WorkerDiedError(f"worker rank {rank} {describe_exit(proc.pid, code)}")
 
     def shutdown(self) -> None:
         if self._closed:
@@ -172,10 +167,3 @@ class MultiprocExecutor(Executor):
         self.sock.close(0)
         self.ctx.term()
         remove_socket_file(self.address)
-
-
-def _signal_name(number: int) -> str:
-    try:
-        return signal.Signals(number).name
-    except ValueError:
-        return f"signal {number}"

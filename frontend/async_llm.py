@@ -14,7 +14,7 @@ import msgspec
 
 from zllm.frontend.engine_client import EngineClient
 from zllm.frontend.engine_configs import DecodingConfig, ParallelConfig, SchedulerConfig
-from zllm.frontend.engine_frontend import EngineFrontend, _check_sleep_args
+from zllm.frontend.engine_frontend import EngineFrontend, check_sleep_args
 from zllm.frontend.input_processor import PromptType
 from zllm.frontend.outputs import RequestOutput
 from zllm.protocol.config import AsyncEngineArgs, EngineArgs, ModelConfig
@@ -106,12 +106,12 @@ class AsyncLLM(EngineFrontend):
         """Free the device: level 1 moves the weights to host memory and drops the KV cache;
         level 2 drops the weights too (re-read from the checkpoint on wake-up). Requests that
         arrive meanwhile wait; running ones are recomputed after `wake_up`."""
-        _check_sleep_args(level=level)
+        check_sleep_args(level=level)
         await self._utility("sleep", level)
 
     async def wake_up(self, tags: list[str] | None = None) -> None:
         """Restore `tags` ("weights", "kv_cache"; None: both). The engine runs again once both are back."""
-        _check_sleep_args(tags=tags)
+        check_sleep_args(tags=tags)
         await self._utility("wake_up", tags)
 
     async def is_sleeping(self) -> bool:

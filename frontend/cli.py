@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import sys
 import types
 import typing
@@ -119,14 +118,6 @@ def _sampling_params(ns: argparse.Namespace):
     )
 
 
-def _chat_prompt(engine, messages: list[dict]) -> dict:
-    text = engine.processor.apply_chat_template(messages, add_generation_prompt=True)
-    return {
-        "prompt": text,
-        "prompt_token_ids": engine.tokenizer.encode(text, add_special_tokens=False),
-    }
-
-
 def _start_engine(ns: argparse.Namespace):
     from zllm.frontend.async_llm import AsyncLLM
 
@@ -142,7 +133,7 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     try:
         prompt: Any = ns.prompt
         if ns.chat:
-            prompt = _chat_prompt(engine, [{"role": "user", "content": ns.prompt}])
+            prompt = engine.processor.chat_prompt([{"role": "user", "content": ns.prompt}])
         run_async(stream_to(engine, prompt, params, sys.stdout))
         sys.stdout.write("\n")
         sys.stdout.flush()
@@ -174,7 +165,7 @@ def cmd_chat(ns: argparse.Namespace) -> int:
             try:
                 # One event loop per turn: the client is not bound to any of them.
                 answer = run_async(
-                    stream_to(engine, _chat_prompt(engine, history), params, sys.stdout)
+                    stream_to(engine, engine.processor.chat_prompt(history), params, sys.stdout)
                 )
             except ValueError as e:  # e.g. the conversation outgrew max_model_len
                 history.pop()
@@ -195,14 +186,12 @@ def cmd_download_default(ns: argparse.Namespace) -> int:
 
 def cmd_engine_core(ns: argparse.Namespace) -> int:
     """Serve engine-core in the foreground until SIGTERM/SIGINT; clients connect to `--address`."""
+    from zllm.core.main import configure_logging
     from zllm.core.server import EngineCoreServer
     from zllm.frontend.default_model import resolve_model
     from zllm.protocol.process import core_addresses
 
-    logging.basicConfig(
-        level=os.environ.get("ZLLM_LOG_LEVEL", "INFO"),
-        format="%(asctime)s engine-core %(levelname)s %(message)s",
-    )
+    configure_logging()
     engine_args = engine_args_from(ns)
     engine_args = msgspec.structs.replace(engine_args, model=resolve_model(engine_args.model))
     input_address, output_address = core_addresses(ns.address)

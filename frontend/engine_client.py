@@ -22,7 +22,6 @@ import itertools
 import logging
 import os
 import queue
-import signal
 import socket
 import subprocess
 import sys
@@ -62,6 +61,7 @@ from zllm.protocol.messages import (
 )
 from zllm.protocol.process import (
     core_addresses,
+    describe_exit,
     private_ipc_address,
     remove_socket_file,
     spawn_env,
@@ -198,7 +198,7 @@ class EngineClient:
                 continue
             if self.proc is not None and self.proc.poll() is not None:
                 raise EngineStartupError(
-                    f"engine-core {_exit_text(self.proc)} before it was ready (see its log above)"
+                    f"engine-core {describe_exit(self.proc.pid, self.proc.returncode)} before it was ready (see its log above)"
                 )
         raise EngineStartupError(
             f"engine-core at {self.output_address} did not answer within {STARTUP_TIMEOUT_S:.0f}s"
@@ -328,7 +328,7 @@ class EngineClient:
                 if self.proc is not None and self.proc.poll() is not None:
                     while self.output.poll(50):  # its last words (EngineDead with the cause)
                         self._on_frame(self.output.recv())
-                    self._die(f"engine-core {_exit_text(self.proc)}")
+                    self._die(f"engine-core {describe_exit(self.proc.pid, self.proc.returncode)}")
                     return
                 if self._monitor is not None and self._monitor in events:
                     event = recv_monitor_message(self._monitor)
@@ -523,17 +523,6 @@ class EngineClient:
         if self.proc is not None:
             remove_socket_file(self.input_address)
             remove_socket_file(self.output_address)
-
-
-def _exit_text(proc: subprocess.Popen) -> str:
-    code = proc.returncode
-    if code is not None and code < 0:
-        try:
-            name = signal.Signals(-code).name
-        except ValueError:
-            name = f"signal {-code}"
-        return f"(pid {proc.pid}) was killed by {name}"
-    return f"(pid {proc.pid}) exited with code {code}"
 
 
 _live_clients: weakref.WeakSet[EngineClient] = weakref.WeakSet()

@@ -142,7 +142,7 @@ class EngineFrontend:
             pass
 
 
-def _check_sleep_args(level: int | None = None, tags: list[str] | None = None) -> None:
+def check_sleep_args(level: int | None = None, tags: list[str] | None = None) -> None:
     """Refuse bad arguments here, with a ValueError, rather than as a remote error."""
     if level is not None and level not in (1, 2):
         raise ValueError(f"sleep level must be 1 or 2, got {level!r}")

@@ -69,11 +69,17 @@ class InputProcessor:
                 f"has {self.num_kv_blocks}; lower max_tokens or give the engine more KV memory"
             )
 
-    def apply_chat_template(
+    def chat_prompt(
         self, messages: list[dict], add_generation_prompt: bool = True, **kwargs: Any
-    ) -> str:
+    ) -> dict:
+        """A conversation as a prompt: the chat template's text and its token ids (the template
+        already holds any special tokens, so none are added again)."""
         if self.tokenizer is None:
             raise ValueError("no tokenizer (skip_tokenizer_init=True): chat needs one")
-        return self.tokenizer.apply_chat_template(
+        text = self.tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs
         )
+        return {
+            "prompt": text,
+            "prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=False),
+        }

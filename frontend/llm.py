@@ -9,7 +9,7 @@ from typing import Any
 import msgspec
 
 from zllm.frontend.engine_configs import DecodingConfig, ParallelConfig, SchedulerConfig
-from zllm.frontend.engine_frontend import EngineFrontend, _check_sleep_args
+from zllm.frontend.engine_frontend import EngineFrontend, check_sleep_args
 from zllm.frontend.input_processor import PromptType
 from zllm.frontend.outputs import RequestOutput
 from zllm.protocol.config import EngineArgs, ModelConfig
@@ -77,17 +77,10 @@ class LLM(EngineFrontend):
     ) -> list[RequestOutput]:
         """Apply the tokenizer's chat template to each conversation, then generate."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = []
-        for conversation in conversations:
-            text = self.processor.apply_chat_template(
-                conversation, add_generation_prompt, **(chat_template_kwargs or {})
-            )
-            prompts.append(
-                {
-                    "prompt": text,
-                    "prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=False),
-                }
-            )
+        prompts = [
+            self.processor.chat_prompt(c, add_generation_prompt, **(chat_template_kwargs or {}))
+            for c in conversations
+        ]
         return self.generate(prompts, sampling_params)
 
     def _utility(self, method: str, *args: Any) -> Any:
@@ -126,11 +119,11 @@ class LLM(EngineFrontend):
 
     def sleep(self, level: int = 1) -> None:
         """Level 1: weights to host memory, KV cache freed; level 2: weights dropped too."""
-        _check_sleep_args(level=level)
+        check_sleep_args(level=level)
         self._utility("sleep", level)
 
     def wake_up(self, tags: list[str] | None = None) -> None:
-        _check_sleep_args(tags=tags)
+        check_sleep_args(tags=tags)
         self._utility("wake_up", tags)
 
     def is_sleeping(self) -> bool:

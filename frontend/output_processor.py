@@ -242,7 +242,4 @@ def finish_aborted(entries: list[tuple[object, object]], now: float | None = Non
     for state, stream in streams.values():
         output = state.output()
         if output is not None:
-            try:
-                stream.put(output)
-            except Exception:  # the consumer's loop is gone: nobody to tell
-                pass
+            stream.put_final(output)

@@ -49,10 +49,8 @@ class RequestStream:
             raise ConsumerGone
 
     def put_final(self, item: Any) -> None:
-        """Queue a last item (an abort output, an error) without waking anyone's loop.
-
-        For when the consumer is gone or is the one ending the request: it must not fail.
-        """
+        """Queue a last item (an abort output, an error); unlike `put`, never raises: for
+        when the consumer is gone or is the one ending the request."""
         try:
             self.put(item)
         except ConsumerGone:

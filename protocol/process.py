@@ -100,3 +100,14 @@ def core_addresses(base: str) -> tuple[str, str]:
         host, port = base[len("tcp://") :].rsplit(":", 1)
         return f"tcp://{host}:{port}", f"tcp://{host}:{int(port) + 1}"
     return f"{base}.in", f"{base}.out"
+
+
+def describe_exit(pid: int, returncode: int) -> str:
+    """How a child ended, for error messages: "(pid N) was killed by SIGKILL" / "exited with code 1"."""
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return f"(pid {pid}) was killed by {name}"
+    return f"(pid {pid}) exited with code {returncode}"
