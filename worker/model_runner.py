@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -10,6 +11,7 @@ from zllm.protocol.config import ModelConfig
 from zllm.protocol.messages import Logprobs
 from zllm.protocol.sampling_params import SamplingParams
 from zllm.protocol.worker_messages import ExecuteModel, ModelOutput
+from zllm.worker import transfer
 from zllm.worker.layers.attention import AttentionMetadata
 from zllm.worker.sampler import Sampler, SamplingRequest, gather_logprobs
 
@@ -109,7 +111,7 @@ class ModelRunner:
 
         # Host->device copies are queued without waiting; device->host copies are queued
         # too, and complete when the sampled ids reach the host: one wait per step.
-        to_device = self.sampler.to_device
+        to_device = functools.partial(transfer.to_device, device=self.device)
         meta = AttentionMetadata.build(meta_chunks, self.block_size, self.device)
         ids_t = to_device(input_ids, torch.long)
         pos_t = to_device(positions, torch.long)
@@ -169,13 +171,7 @@ class ModelRunner:
         if raw is None:
             return None
         k_max = max(self._top_k(s.params.logprobs) for s in states if s.params.logprobs is not None)
-        return self._to_host(gather_logprobs(raw, token_ids, k_max))
-
-    def _to_host(self, tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        """Queue copies to (pinned) host memory; read them only after the step's ids are in."""
-        if self.device.type == "cpu":
-            return tensors
-        return tuple(t.to("cpu", non_blocking=True) for t in tensors)
+        return transfer.to_host(gather_logprobs(raw, token_ids, k_max))
 
     def _plan_prompt_logprobs(
         self, state: RequestState, key: str, start: int, n: int
@@ -208,7 +204,7 @@ class ModelRunner:
             hi = min(lo + PROMPT_LOGPROBS_ROWS, len(rows.targets))
             h = hidden[rows.first_row + lo : rows.first_row + hi]
             logprobs = torch.log_softmax(self.model.logits(h).float(), dim=-1)
-            parts.append(self._to_host(gather_logprobs(logprobs, targets[lo:hi], rows.k)))
+            parts.append(transfer.to_host(gather_logprobs(logprobs, targets[lo:hi], rows.k)))
         return parts
 
 

@@ -12,11 +12,13 @@ Every per-request value is decided on the host and copied to the device without 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 
 from zllm.protocol.sampling_params import SamplingParams
+from zllm.worker.transfer import to_device
 
 
 @dataclass
@@ -40,12 +42,7 @@ class Sampler:
     def __init__(self, vocab_size: int, device: torch.device) -> None:
         self.vocab_size = vocab_size
         self.device = torch.device(device)
-
-    def to_device(self, values: list, dtype: torch.dtype) -> torch.Tensor:
-        """Host values on the device, without waiting for the work already queued there."""
-        if self.device.type == "cpu":
-            return torch.tensor(values, dtype=dtype)
-        return torch.tensor(values, dtype=dtype, pin_memory=True).to(self.device, non_blocking=True)
+        self.to_device = functools.partial(to_device, device=self.device)
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRequest]) -> SamplerOutput:
         params = [r.params for r in rows]

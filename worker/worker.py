@@ -57,9 +57,8 @@ class Worker:
                 backend, init_method=dist_init_method, rank=rank, world_size=world_size
             )
         torch.manual_seed(engine_args.seed)
-        if (
-            self.device.type == "cpu" and world_size > 1
-        ):  # ranks share the cores: don't oversubscribe
+        # CPU ranks share the cores: split the threads rather than oversubscribe them.
+        if self.device.type == "cpu" and world_size > 1:
             torch.set_num_threads(max(1, torch.get_num_threads() // world_size))
         self.model = load_model(model_config, self.device, self.dtype, progress=rank == 0)
         self.num_kv_heads = model_config.num_key_value_heads // world_size
@@ -201,9 +200,7 @@ def _to_host(tensor: torch.Tensor) -> torch.Tensor:
     """A host copy; pinned when it comes from CUDA, so waking up copies at full speed."""
     if tensor.device.type == "cpu":
         return tensor.detach()  # already there: keep the storage, not the (emptied) Parameter
-    host = torch.empty(
-        tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=tensor.device.type == "cuda"
-    )
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=True)
     host.copy_(tensor.detach())
     return host
 

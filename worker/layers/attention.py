@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from zllm.worker.transfer import to_device
+
 
 @dataclass
 class PrefillSeq:
@@ -62,23 +64,21 @@ class AttentionMetadata:
                     q_pos = torch.arange(start, ctx, device=device).unsqueeze(1)
                     mask = torch.arange(ctx, device=device).unsqueeze(0) <= q_pos
                 prefills.append(
-                    PrefillSeq(
-                        row, row + n, ctx, torch.tensor(used, dtype=torch.long, device=device), mask
-                    )
+                    PrefillSeq(row, row + n, ctx, to_device(used, torch.long, device), mask)
                 )
             row += n
         decode_rows_t = decode_table = decode_mask = None
         if decode_rows:
             width = max(len(t) for t in decode_tables)
             padded = [t + [0] * (width - len(t)) for t in decode_tables]
-            decode_rows_t = torch.tensor(decode_rows, dtype=torch.long, device=device)
-            decode_table = torch.tensor(padded, dtype=torch.long, device=device)
-            lens = torch.tensor(decode_lens, device=device)
+            decode_rows_t = to_device(decode_rows, torch.long, device)
+            decode_table = to_device(padded, torch.long, device)
+            lens = to_device(decode_lens, torch.long, device)
             decode_mask = (torch.arange(width * block_size, device=device) < lens.unsqueeze(1))[
                 :, None, None, :
             ]
         return cls(
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
+            slot_mapping=to_device(slots, torch.long, device),
             decode_rows=decode_rows_t,
             decode_block_table=decode_table,
             decode_mask=decode_mask,
