@@ -65,11 +65,15 @@ class EngineCore:
     def add_request(self, client: bytes, message: AddRequest) -> RequestUpdate | None:
         """Queue a request; a refusal comes back as a finished update carrying the error."""
         key = self.request_key(client, message.request_id)
-        error = self._admission_error(key, message)
-        if error is not None:
-            return RequestUpdate(
-                request_id=message.request_id, new_token_ids=[], finish_reason="error", error=error
+        error, kind = self._admission_error(key, message), "invalid"
+        if error is None and self._overloaded():
+            error, kind = (
+                f"engine overloaded: {len(self.scheduler.waiting)} requests are waiting "
+                f"(max_queued_requests={self.engine_args.max_queued_requests}); retry later",
+                "overloaded",
             )
+        if error is not None:
+            return RequestUpdate.refused(message.request_id, error, kind)
         self.scheduler.add(
             Request(
                 key=key,
@@ -84,25 +88,15 @@ class EngineCore:
         return None
 
     def _admission_error(self, key: str, message: AddRequest) -> str | None:
-        n = len(message.prompt_token_ids)
-        max_len = self.model_config.max_model_len
+        """What only the engine's state can refuse; the rules that need no state
+        (`protocol/admission.py`) were applied by the thread that read the frame."""
         if key in self.scheduler.requests:
             return f"request id {message.request_id!r} is already running"
-        if n == 0:
-            return "the prompt is empty"
-        if n >= max_len:
-            return f"the prompt has {n} tokens; max_model_len={max_len} leaves no room to generate"
-        vocab = self.model_config.vocab_size
-        if any(t < 0 or t >= vocab for t in message.prompt_token_ids):
-            return f"prompt token ids must be in [0, {vocab})"
-        max_tokens = message.sampling_params.max_tokens or (max_len - n)
-        needed = self.kv.blocks_needed(min(n + max_tokens, max_len))
-        if needed > self.kv.num_blocks:
-            return (
-                f"the request needs {needed} KV blocks (prompt {n} + max_tokens {max_tokens}) "
-                f"but the whole cache has {self.kv.num_blocks}"
-            )
         return None
+
+    def _overloaded(self) -> bool:
+        limit = self.engine_args.max_queued_requests
+        return limit is not None and len(self.scheduler.waiting) >= limit
 
     def abort(self, keys: list[str]) -> list[Request]:
         aborted = []
@@ -122,7 +116,8 @@ class EngineCore:
     # ---- the step --------------------------------------------------------------------------
 
     def step(self) -> list[tuple[bytes, RequestUpdate]]:
-        """Run one step; return (client, update) for every request that got a token or finished."""
+        """Run one step; return (client, update) for every request that got a token, finished,
+        or had a chunk of its prompt scored (prompt logprobs)."""
         step = self.scheduler.schedule()
         if not step.requests:
             return []
@@ -133,15 +128,16 @@ class EngineCore:
         updates = []
         for request in step.requests:
             token = sampled.get(request.key)
-            if token is None:
+            prompt_logprobs = output.prompt_logprobs.get(request.key)
+            if token is None and prompt_logprobs is None:
                 continue
             update = RequestUpdate(
                 request_id=request.request_id,
-                new_token_ids=[token],
+                new_token_ids=[] if token is None else [token],
                 finish_reason=request.finish_reason,
                 stop_reason=request.stop_reason,
                 new_logprobs=logprobs.get(request.key),
-                prompt_logprobs=output.prompt_logprobs.get(request.key),
+                prompt_logprobs=prompt_logprobs,
                 num_cached_tokens=max(request.num_cached_tokens, 0),
             )
             updates.append((request.client, update))

@@ -25,7 +25,11 @@ class Executor(ABC):
 
     @abstractmethod
     def check_health(self) -> None:
-        """Raise `WorkerDiedError` if a worker is gone."""
+        """Raise `WorkerDiedError` if a worker process is gone (cheap: no message)."""
+
+    @abstractmethod
+    def ping(self, timeout_s: float) -> None:
+        """Raise `WorkerDiedError` unless every rank answers within `timeout_s`."""
 
     @abstractmethod
     def shutdown(self) -> None: ...

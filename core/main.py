@@ -12,7 +12,7 @@ import msgspec
 
 from zllm.core.server import EngineCoreServer
 from zllm.protocol.config import EngineArgs
-from zllm.protocol.process import die_with_parent, remove_socket_file
+from zllm.protocol.process import die_with_parent
 
 
 def configure_logging() -> None:
@@ -31,11 +31,7 @@ def main() -> None:
     configure_logging()
     engine_args = msgspec.json.decode(sys.stdin.buffer.read(), type=EngineArgs)
 
-    def cleanup() -> None:
-        remove_socket_file(ns.input)
-        remove_socket_file(ns.output)
-
-    die_with_parent(on_parent_exit=cleanup)
+    die_with_parent()
     server = EngineCoreServer(engine_args, ns.input, ns.output)
     sys.exit(server.serve())
 

@@ -2,7 +2,8 @@
 
 Every step goes to all ranks; rank 0 answers. While waiting, the core polls in short
 slices and checks that every worker is alive, so a dead worker becomes an error within
-a fraction of a second instead of a hang.
+a fraction of a second instead of a hang; a stopped or stuck one becomes an error after
+`step_timeout`.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from zllm.protocol.config import EngineArgs, ModelConfig
 from zllm.protocol.process import (
     describe_exit,
     private_ipc_address,
+    process_state,
     remove_socket_file,
     restrict_socket_file,
     spawn_env,
@@ -47,6 +49,7 @@ POLL_MS = 100
 class MultiprocExecutor(Executor):
     def __init__(self, engine_args: EngineArgs, model_config: ModelConfig) -> None:
         self.world_size = engine_args.tensor_parallel_size
+        self.step_timeout = engine_args.step_timeout
         self.address, _ = private_ipc_address("workers")
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
@@ -98,8 +101,8 @@ class MultiprocExecutor(Executor):
             raise RuntimeError("no memory left for the KV cache after loading the model")
         self.collective_rpc("init_kv_cache", self.num_kv_blocks)
 
-    def _recv(self, timeout_s: float | None) -> WorkerToCore:
-        """Next message from any worker; raises if a worker died or failed."""
+    def _recv(self, timeout_s: float | None, waiting_for: str = "") -> WorkerToCore:
+        """Next message from any worker; raises if a worker died, failed or did not answer."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
             if self.sock.poll(POLL_MS):
@@ -114,7 +117,14 @@ class MultiprocExecutor(Executor):
                 return message
             self.check_health()
             if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError("workers did not answer in time")
+                states = ", ".join(
+                    f"rank {rank} (pid {proc.pid}) is {process_state(proc.pid)}"
+                    for rank, proc in enumerate(self.procs)
+                )
+                raise WorkerDiedError(
+                    f"the workers did not answer {waiting_for} within {timeout_s:g} s "
+                    f"(step_timeout): {states}"
+                )
 
     def _send_all(self, message: msgspec.Struct) -> None:
         frame = encode(message)
@@ -123,24 +133,29 @@ class MultiprocExecutor(Executor):
 
     def execute_model(self, step: ExecuteModel) -> ModelOutput:
         self._send_all(step)
+        deadline = time.monotonic() + self.step_timeout
         while True:
-            message = self._recv(None)
+            message = self._recv(max(0.0, deadline - time.monotonic()), "a step")
             if isinstance(message, ModelOutput):
                 return message
             logger.warning("unexpected %s while waiting for a step", type(message).__name__)
 
-    def collective_rpc(self, method: str, *args: Any) -> list[Any]:
+    def collective_rpc(self, method: str, *args: Any, timeout_s: float | None = None) -> list[Any]:
         call_id = next(self.call_ids)
         self._send_all(WorkerCall(call_id=call_id, method=method, args=list(args)))
         replies: dict[int, WorkerReply] = {}
+        deadline = time.monotonic() + (timeout_s or self.step_timeout)
         while len(replies) < self.world_size:
-            message = self._recv(None)
+            message = self._recv(max(0.0, deadline - time.monotonic()), f"{method!r}")
             if isinstance(message, WorkerReply) and message.call_id == call_id:
                 replies[message.rank] = message
         errors = [r.error for r in replies.values() if r.error]
         if errors:
             raise RuntimeError(errors[0])
         return [replies[r].result for r in range(self.world_size)]
+
+    def ping(self, timeout_s: float) -> None:
+        self.collective_rpc("ping", timeout_s=timeout_s)
 
     def check_health(self) -> None:
         for rank, proc in enumerate(self.procs):

@@ -1,12 +1,14 @@
 """The engine-core process: sockets to frontends, an input thread, an output thread and the busy loop.
 
     input ROUTER  (bound) <- each client's DEALER: AddRequest(s), AbortRequests, UtilityCall, Goodbye
-    output ROUTER (bound) -> each client's DEALER: Ready, StepOutputs, UtilityReply, EngineDead
+    output ROUTER (bound) -> each client's DEALER: Ready, StepOutputs, UtilityReply,
+                             FrameRejected, EngineDead
                           <- Hello (sent on the output socket so the core can route back to it)
 
 The main thread owns the engine: `drain input -> schedule -> execute -> update -> emit`,
 blocking on the input queue when there is nothing to run. Any number of clients may
-connect (a shared daemon); outputs go back by client identity.
+connect (a shared daemon); outputs go back by client identity. Every frame a client sends
+is answered: a request or call that does not decode gets an error (`core/client_frames.py`).
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ from typing import Any
 import msgspec
 import zmq
 
+from zllm.core.client_frames import FrameReader
 from zllm.core.engine_core import EngineCore
-from zllm.core.executor import create_executor
+from zllm.core.executor import WorkerDiedError, create_executor
+from zllm.protocol.admission import AdmissionLimits
 from zllm.protocol.config import EngineArgs, ModelConfig
 from zllm.protocol.messages import (
     PROTOCOL_VERSION,
@@ -33,47 +37,32 @@ from zllm.protocol.messages import (
     AddRequest,
     AddRequests,
     EngineDead,
+    FrameRejected,
     Goodbye,
     Hello,
     Ready,
+    SchedulerStats,
     StartupFailed,
     StepOutputs,
     UtilityCall,
     UtilityReply,
-    decode_client_message,
     encode,
 )
-from zllm.protocol.process import remove_socket_file, restrict_socket_file
+from zllm.protocol.process import ipc_listener_alive, remove_socket_file, restrict_socket_file
 
 logger = logging.getLogger("zllm.core")
 
 IDLE_HEALTH_CHECK_S = 0.5
+HEALTH_PING_TIMEOUT_S = 10.0  # an idle worker answers a ping in milliseconds
+INBOX_LIMIT = 4096  # decoded frames waiting for the main thread; beyond, ZeroMQ pushes back
+MESSAGES_PER_STEP = 512  # inbox items handled between two steps: a flood cannot stall the batch
 UTILITY_METHODS = frozenset(
     {"reset_prefix_cache", "sleep", "wake_up", "is_sleeping", "get_stats", "check_health"}
 )
 
 
-def _client_message(frames: list[bytes], socket_name: str) -> tuple[bytes, Any] | None:
-    """(client identity, message) from a ROUTER's frames, or None (logged) if they are not one
-    identity plus one decodable frame: a stray peer must not kill the socket's thread."""
-    if len(frames) != 2:
-        logger.warning(
-            "dropping a %d-frame message on the %s socket (one frame expected)",
-            len(frames) - 1,
-            socket_name,
-        )
-        return None
-    identity, frame = frames
-    try:
-        return identity, decode_client_message(frame)
-    except msgspec.MsgspecError as e:
-        logger.warning(
-            "dropping an undecodable frame from client %s on the %s socket: %s",
-            identity.hex(),
-            socket_name,
-            e,
-        )
-        return None
+class ListenError(RuntimeError):
+    """engine-core cannot listen on its address (in use, no such directory, a live daemon)."""
 
 
 class _Shutdown(Exception):
@@ -81,70 +70,111 @@ class _Shutdown(Exception):
 
 
 class EngineCoreServer:
-    def __init__(
-        self,
-        engine_args: EngineArgs,
-        input_address: str,
-        output_address: str,
-        owns_addresses: bool = True,
-    ) -> None:
+    def __init__(self, engine_args: EngineArgs, input_address: str, output_address: str) -> None:
         self.engine_args = engine_args
         self.input_address = input_address
         self.output_address = output_address
-        self.owns_addresses = owns_addresses
-        self.inbox: queue.Queue[tuple[bytes, Any]] = queue.Queue()
+        self.inbox: queue.Queue[tuple[bytes, Any]] = queue.Queue(maxsize=INBOX_LIMIT)
         self.clients: set[bytes] = set()
         self.engine: EngineCore | None = None
         self.ready: Ready | None = None
         self.ctx = zmq.Context()
+        # Every thread that answers clients pushes [client, frame] here; the output thread
+        # owns the client socket and sends.
         self.outbox_address = f"inproc://outbox-{id(self)}"
-        self.outbox = self.ctx.socket(zmq.PUSH)
-        self.outbox.bind(self.outbox_address)
+        self.outbox_pull = self.ctx.socket(zmq.PULL)
+        self.outbox_pull.bind(self.outbox_address)
+        self.outbox = self._pusher()
         self.stopping = threading.Event()
+        self.threads: list[threading.Thread] = []
+        self.sockets: tuple[zmq.Socket, zmq.Socket] | None = None  # input, output, once bound
+        self.bound: list[str] = []  # addresses we bound: only those are ours to remove
+        self.closed = False
+        self.reader = FrameReader(logger)
+
+    def _pusher(self) -> zmq.Socket:
+        sock = self.ctx.socket(zmq.PUSH)
+        sock.connect(self.outbox_address)
+        return sock
+
+    # ---- sockets -----------------------------------------------------------------------------
+
+    def listen(self) -> None:
+        """Bind both client sockets, in the calling thread, so that a taken or impossible
+        address is an error at once (`ListenError`), before any model is loaded."""
+        sockets: list[zmq.Socket] = []
+        try:
+            for address, linger in ((self.input_address, 0), (self.output_address, 1000)):
+                if address.startswith("ipc://") and ipc_listener_alive(address):
+                    raise ListenError(
+                        f"cannot listen on {address}: another engine-core is serving it "
+                        "(stop it first, or choose another --address)"
+                    )
+                sock = self.ctx.socket(zmq.ROUTER)
+                sock.setsockopt(zmq.LINGER, linger)
+                sockets.append(sock)
+                try:
+                    sock.bind(address)
+                except zmq.ZMQError as e:
+                    raise ListenError(f"cannot listen on {address}: {e.strerror}") from None
+                self.bound.append(address)
+                restrict_socket_file(address)
+        except BaseException:
+            for sock in sockets:
+                sock.close(0)
+            self._remove_socket_files()
+            raise
+        self.sockets = (sockets[0], sockets[1])
 
     # ---- threads ---------------------------------------------------------------------------
 
-    def _input_thread(self) -> None:
-        sock = self.ctx.socket(zmq.ROUTER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.bind(self.input_address)
-        restrict_socket_file(self.input_address)
-        self._bound.release()
+    def _receive(self, sock: zmq.Socket, send: Any, block: bool) -> None:
+        """Read one message from a client socket: answer what needs no engine, queue the rest.
+
+        The input thread may wait for room in the inbox (ZeroMQ then holds frames back); the
+        output thread must not, as the main thread may be waiting for it to send."""
+        frames = sock.recv_multipart()
+        message, replies = self.reader.read(frames)
+        for reply in replies:
+            send(reply)
+        if message is None:
+            return
+        try:
+            self.inbox.put((frames[0], message), block=block)
+        except queue.Full:
+            error = f"engine-core's inbox is full ({INBOX_LIMIT} messages): try again"
+            send([frames[0], encode(FrameRejected(error=error))])
+
+    def _input_thread(self, sock: zmq.Socket) -> None:
+        answers = self._pusher()
         while not self.stopping.is_set():
-            if not sock.poll(200):
-                continue
-            received = _client_message(sock.recv_multipart(), "input")
-            if received is not None:
-                self.inbox.put(received)
+            if sock.poll(200):
+                self._receive(sock, answers.send_multipart, block=True)
+        answers.close(0)
         sock.close(0)
 
-    def _output_thread(self) -> None:
-        sock = self.ctx.socket(zmq.ROUTER)
-        sock.setsockopt(zmq.LINGER, 1000)
-        sock.bind(self.output_address)
-        restrict_socket_file(self.output_address)
-        pull = self.ctx.socket(zmq.PULL)
-        pull.connect(self.outbox_address)
-        self._bound.release()
+    def _output_thread(self, sock: zmq.Socket) -> None:
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
-        poller.register(pull, zmq.POLLIN)
+        poller.register(self.outbox_pull, zmq.POLLIN)
         while True:
             events = dict(poller.poll(200))
-            if pull in events:
-                frames = pull.recv_multipart()
+            if self.outbox_pull in events:
+                frames = self.outbox_pull.recv_multipart()
                 if frames == [b"stop"]:
                     break
-                try:
-                    sock.send_multipart(frames)
-                except zmq.ZMQError as e:
-                    logger.warning("could not send to client %s: %s", frames[0].hex(), e)
+                self._send_now(sock, frames)
             if sock in events:
-                received = _client_message(sock.recv_multipart(), "output")
-                if received is not None:
-                    self.inbox.put(received)
+                self._receive(sock, lambda frames: self._send_now(sock, frames), block=False)
         sock.close()
-        pull.close()
+        self.outbox_pull.close()
+
+    @staticmethod
+    def _send_now(sock: zmq.Socket, frames: list[bytes]) -> None:
+        try:
+            sock.send_multipart(frames)
+        except zmq.ZMQError as e:
+            logger.warning("could not send to client %s: %s", frames[0].hex(), e)
 
     def _send(self, client: bytes, message: msgspec.Struct) -> None:
         self.outbox.send_multipart([client, encode(message)])
@@ -153,15 +183,29 @@ class EngineCoreServer:
 
     def serve(self, exit_after_startup_failure_s: float = 30.0) -> int:
         """Run until SIGTERM/SIGINT or a fatal error; return the exit code."""
-        self._bound = threading.Semaphore(0)
-        self.threads = threads = [
-            threading.Thread(target=self._input_thread, name="zllm-core-input", daemon=True),
-            threading.Thread(target=self._output_thread, name="zllm-core-output", daemon=True),
+        if self.sockets is None:
+            try:
+                self.listen()
+            except ListenError as e:
+                logger.error("%s", e)
+                self.close()
+                return 1
+        assert self.sockets is not None
+        input_sock, output_sock = self.sockets
+        # Sockets move to their threads here; thread start is the memory barrier ZeroMQ asks for.
+        self.threads = [
+            threading.Thread(
+                target=self._input_thread, args=(input_sock,), name="zllm-core-input", daemon=True
+            ),
+            threading.Thread(
+                target=self._output_thread,
+                args=(output_sock,),
+                name="zllm-core-output",
+                daemon=True,
+            ),
         ]
-        for t in threads:
+        for t in self.threads:
             t.start()
-        for _ in threads:
-            self._bound.acquire()
 
         def on_signal(signum: int, frame: object) -> None:
             raise _Shutdown(signal.Signals(signum).name)
@@ -189,7 +233,7 @@ class EngineCoreServer:
             code = 1
         finally:
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
-            self._close()
+            self.close()
         return code
 
     def _start_engine(self) -> None:
@@ -214,6 +258,7 @@ class EngineCoreServer:
             max_num_batched_tokens=self.engine.max_num_batched_tokens,
             core_pid=os.getpid(),
         )
+        self.reader.limits = AdmissionLimits.from_ready(self.ready)
         logger.info("engine-core ready: %s, %d KV blocks", path, self.engine.kv.num_blocks)
 
     def _answer_hellos_with_failure(self, error: str, wait_s: float) -> None:
@@ -240,7 +285,7 @@ class EngineCoreServer:
                     engine.executor.check_health()
                     continue
                 self._handle(*item)
-            while True:
+            for _ in range(MESSAGES_PER_STEP):
                 try:
                     self._handle(*self.inbox.get_nowait())
                 except queue.Empty:
@@ -253,7 +298,7 @@ class EngineCoreServer:
             per_client: dict[bytes, list] = defaultdict(list)
             for client, update in updates:
                 per_client[client].append(update)
-            stats = engine.stats()
+            stats = self._stats()
             now = time.time()
             for client, client_updates in per_client.items():
                 self._send(client, StepOutputs(updates=client_updates, stats=stats, timestamp=now))
@@ -265,10 +310,7 @@ class EngineCoreServer:
             adds = message.requests if isinstance(message, AddRequests) else [message]
             refusals = [r for r in (engine.add_request(client, a) for a in adds) if r is not None]
             if refusals:
-                self._send(
-                    client,
-                    StepOutputs(updates=refusals, stats=engine.stats(), timestamp=time.time()),
-                )
+                self._send(client, StepOutputs(updates=refusals, timestamp=time.time()))
         elif isinstance(message, AbortRequests):
             engine.abort([engine.request_key(client, rid) for rid in message.request_ids])
         elif isinstance(message, UtilityCall):
@@ -289,6 +331,12 @@ class EngineCoreServer:
             engine.abort_client(client)
             self.clients.discard(client)
 
+    def _stats(self) -> SchedulerStats:
+        assert self.engine is not None
+        stats = self.engine.stats()
+        stats.num_rejected_frames = self.reader.num_rejected
+        return stats
+
     def _utility(self, call: UtilityCall) -> UtilityReply:
         engine = self.engine
         if call.method not in UTILITY_METHODS:
@@ -297,13 +345,16 @@ class EngineCoreServer:
             )
         try:
             if call.method == "get_stats":
-                result: Any = engine.stats()
+                result: Any = self._stats()
             elif call.method == "check_health":
                 engine.executor.check_health()
+                engine.executor.ping(min(HEALTH_PING_TIMEOUT_S, self.engine_args.step_timeout))
                 result = True
             else:
                 result = getattr(engine, call.method)(*call.args)
             return UtilityReply(call_id=call.call_id, result=result)
+        except WorkerDiedError:
+            raise  # the engine is broken: every client hears of it, not only this caller
         except Exception as e:
             return UtilityReply(call_id=call.call_id, error=f"{type(e).__name__}: {e}")
 
@@ -311,9 +362,17 @@ class EngineCoreServer:
         for client in self.clients:
             self._send(client, EngineDead(error=error))
 
-    def _close(self) -> None:
+    def close(self) -> None:
+        """Stop the threads and workers, remove the socket files we bound. Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
         self.stopping.set()
-        self.outbox.send_multipart([b"stop"])
+        if self.threads:
+            self.outbox.send_multipart([b"stop"])
+        elif self.sockets is not None:  # bound, never served
+            for sock in self.sockets:
+                sock.close(0)
         if self.engine is not None:
             try:
                 self.engine.shutdown()
@@ -321,6 +380,9 @@ class EngineCoreServer:
                 logger.exception("error while stopping workers")
         for thread in self.threads:
             thread.join(timeout=3)
-        if self.owns_addresses:
-            remove_socket_file(self.input_address)
-            remove_socket_file(self.output_address)
+        self._remove_socket_files()
+
+    def _remove_socket_files(self) -> None:
+        for address in self.bound:
+            remove_socket_file(address)
+        self.bound = []

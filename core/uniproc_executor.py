@@ -23,6 +23,9 @@ class UniprocExecutor(Executor):
         return [self.worker.call(method, list(args))]
 
     def check_health(self) -> None:
+        pass  # the worker is this process: if it stopped, so did we
+
+    def ping(self, timeout_s: float) -> None:
         pass
 
     def shutdown(self) -> None:

@@ -192,14 +192,22 @@ def cmd_engine_core(ns: argparse.Namespace) -> int:
     from zllm.protocol.process import core_addresses
 
     configure_logging()
+    input_address, output_address = core_addresses(ns.address)  # ValueError: a bad address
     engine_args = engine_args_from(ns)
-    engine_args = msgspec.structs.replace(engine_args, model=resolve_model(engine_args.model))
-    input_address, output_address = core_addresses(ns.address)
-    logging.getLogger("zllm.core").info(
-        "engine-core for %s listening on %s, %s", engine_args.model, input_address, output_address
-    )
-    server = EngineCoreServer(engine_args, input_address, output_address, owns_addresses=True)
-    return server.serve()
+    server = EngineCoreServer(engine_args, input_address, output_address)
+    try:  # listen first: a taken or impossible address fails in a moment, not after a load
+        server.listen()
+        engine_args = msgspec.structs.replace(engine_args, model=resolve_model(engine_args.model))
+        server.engine_args = engine_args
+        logging.getLogger("zllm.core").info(
+            "engine-core for %s listening on %s, %s",
+            engine_args.model,
+            input_address,
+            output_address,
+        )
+        return server.serve()
+    finally:
+        server.close()
 
 
 # ---- the parser ------------------------------------------------------------------------------------
@@ -255,7 +263,14 @@ def main(argv: list[str] | None = None) -> int:
         return ns.func(ns)
     except KeyboardInterrupt:
         return 130
-    except (EngineStartupError, EngineDeadError, FileNotFoundError, ValueError, RuntimeError) as e:
+    except (
+        EngineStartupError,
+        EngineDeadError,
+        FileNotFoundError,
+        ValueError,
+        RuntimeError,
+        OSError,
+    ) as e:
         print(f"zllm: error: {e}", file=sys.stderr)
         return 1
 

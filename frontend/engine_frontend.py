@@ -14,7 +14,7 @@ from zllm.frontend import engine_configs
 from zllm.frontend.default_model import resolve_model
 from zllm.frontend.engine_client import EngineClient
 from zllm.frontend.errors import EngineDeadError
-from zllm.frontend.input_processor import InputProcessor, PromptType
+from zllm.frontend.input_processor import InputProcessor, ProcessedRequest, PromptType
 from zllm.frontend.stream import RequestStream
 from zllm.protocol.config import EngineArgs, ModelConfig
 from zllm.protocol.messages import Ready
@@ -61,22 +61,14 @@ class EngineFrontend:
 
     def _prepare(
         self, prompt: PromptType, params: SamplingParams | None, request_id: str | None
-    ) -> tuple[str, str | None, list[int], SamplingParams]:
+    ) -> ProcessedRequest:
         """Tokenize and check one request (raises `ValueError`); nothing is sent yet."""
-        params = params or SamplingParams()
-        if not isinstance(params, SamplingParams):
-            raise TypeError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
-        text, ids = self.processor.tokenize(prompt)
-        self.processor.check(ids, params)
         if request_id is None:
             request_id = f"{uuid.uuid4().hex[:12]}-{next(self._ids)}"
-        return request_id, text, ids, params
+        return self.processor.process(request_id, prompt, params or SamplingParams())
 
-    def _submit(
-        self, prepared: tuple[str, str | None, list[int], SamplingParams]
-    ) -> tuple[str, RequestStream]:
-        request_id, text, ids, params = prepared
-        return request_id, self.client.add_request(request_id, text, ids, params)
+    def _submit(self, request: ProcessedRequest) -> tuple[str, RequestStream]:
+        return request.request_id, self.client.add_request(request)
 
     @property
     def client(self) -> EngineClient:

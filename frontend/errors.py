@@ -12,3 +12,8 @@ class EngineDeadError(RuntimeError):
 
 class EngineStartupError(RuntimeError):
     """The engine could not start; the message is the failing process's own error."""
+
+
+class EngineOverloadedError(RuntimeError):
+    """The engine refused a request because its queue is full (`max_queued_requests`); the
+    request was not started and may be retried later."""

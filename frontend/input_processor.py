@@ -1,39 +1,74 @@
-"""Prompts in, token ids out: tokenization, chat templates and admission checks, in the frontend.
+"""Prompts in, checked requests out: tokenization, chat templates and admission, in the frontend.
 
-Everything that can be refused is refused here, with a `ValueError`, before it reaches the engine.
+Everything that can be refused is refused here, with a `ValueError`, before it reaches the
+engine, by the same rules (`protocol/admission.py`) engine-core applies again.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
+from zllm.protocol.admission import AdmissionLimits, canonical_request, request_error
 from zllm.protocol.messages import Ready
 from zllm.protocol.sampling_params import SamplingParams
 
 PromptType = str | Mapping[str, Any] | list[int]
 
+PROMPT_KEYS = frozenset({"prompt", "prompt_token_ids"})
+
+
+@dataclass(frozen=True)
+class ProcessedRequest:
+    """A request that passed admission: exactly what the engine will be sent."""
+
+    request_id: str  # the caller's
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+
 
 class InputProcessor:
     def __init__(self, tokenizer, ready: Ready) -> None:
         self.tokenizer = tokenizer
-        self.model_config = ready.model_config
-        self.block_size = ready.engine_args.block_size
-        self.num_kv_blocks = ready.num_kv_blocks
+        self.limits = AdmissionLimits.from_ready(ready)
 
-    def tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
-        """(prompt text or None, token ids) for a string, `{"prompt": ...}` or `{"prompt_token_ids": [...]}`."""
+    def process(
+        self, request_id: str, prompt: PromptType, params: SamplingParams
+    ) -> ProcessedRequest:
+        """Tokenize and check one request; raise `ValueError` saying what is wrong."""
+        if not isinstance(request_id, str):
+            raise ValueError(f"request_id must be a str, got {type(request_id).__name__}")
+        text, ids = self.tokenize(prompt)
+        add = canonical_request(request_id, ids, params)
+        error = request_error(add, self.limits)
+        if error is not None:
+            raise ValueError(error)
+        return ProcessedRequest(request_id, text, add.prompt_token_ids, add.sampling_params)
+
+    def tokenize(self, prompt: PromptType) -> tuple[str | None, Any]:
+        """(prompt text or None, token ids as given) for a string, `{"prompt": ...}`,
+        `{"prompt_token_ids": [...]}` or a list of token ids."""
         if isinstance(prompt, str):
             text, ids = prompt, None
         elif isinstance(prompt, Mapping):
+            unknown = set(prompt) - PROMPT_KEYS
+            if unknown:
+                raise ValueError(
+                    f"unsupported prompt keys {sorted(map(str, unknown))}: zllm takes "
+                    f"{sorted(PROMPT_KEYS)}"
+                )
             if "prompt_token_ids" in prompt:
-                text, ids = prompt.get("prompt"), list(prompt["prompt_token_ids"])
+                text, ids = prompt.get("prompt"), prompt["prompt_token_ids"]
             elif "prompt" in prompt:
                 text, ids = prompt["prompt"], None
             else:
                 raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
-        elif isinstance(prompt, list | tuple) and all(isinstance(t, int) for t in prompt):
-            text, ids = None, list(prompt)
+            if text is not None and not isinstance(text, str):
+                raise ValueError(f"prompt['prompt'] must be a str, got {type(text).__name__}")
+        elif isinstance(prompt, list | tuple):
+            text, ids = None, prompt
         else:
             raise ValueError(
                 f"prompt must be a str, a dict or a list of token ids, got {type(prompt).__name__}"
@@ -41,33 +76,8 @@ class InputProcessor:
         if ids is None:
             if self.tokenizer is None:
                 raise ValueError("no tokenizer (skip_tokenizer_init=True): pass prompt_token_ids")
-            ids = self.tokenizer.encode(text)
+            ids = self.tokenizer.encode(check_text(text))
         return text, ids
-
-    def check(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        n = len(prompt_token_ids)
-        max_len = self.model_config.max_model_len
-        vocab = self.model_config.vocab_size
-        if n == 0:
-            raise ValueError("the prompt is empty")
-        if n >= max_len:
-            raise ValueError(
-                f"the prompt has {n} tokens, but max_model_len is {max_len} (nothing left to generate)"
-            )
-        if params.max_tokens is not None and n + params.max_tokens > max_len:
-            raise ValueError(
-                f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) = {n + params.max_tokens} "
-                f"exceeds max_model_len={max_len}"
-            )
-        if any(not 0 <= t < vocab for t in prompt_token_ids):
-            raise ValueError(f"prompt token ids must be in [0, {vocab})")
-        total = n + (params.max_tokens or max_len - n)
-        needed = -(-total // self.block_size)
-        if needed > self.num_kv_blocks:
-            raise ValueError(
-                f"the request needs {needed} KV blocks ({total} tokens) but the engine's whole KV cache "
-                f"has {self.num_kv_blocks}; lower max_tokens or give the engine more KV memory"
-            )
 
     def chat_prompt(
         self, messages: list[dict], add_generation_prompt: bool = True, **kwargs: Any
@@ -81,5 +91,17 @@ class InputProcessor:
         )
         return {
             "prompt": text,
-            "prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=False),
+            "prompt_token_ids": self.tokenizer.encode(check_text(text), add_special_tokens=False),
         }
+
+
+def check_text(text: str) -> str:
+    """Refuse text that is not valid Unicode (lone surrogates cannot become UTF-8)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(
+            f"the prompt is not valid Unicode: {e.reason} at character {e.start} "
+            f"({text[e.start : e.end]!r})"
+        ) from None
+    return text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -37,9 +38,7 @@ class LLM(EngineFrontend):
         other threads run their own loops or generate at the same time.
         """
         _refuse_inside_running_loop("LLM.generate")
-        if isinstance(prompts, str | dict) or (
-            isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
-        ):
+        if isinstance(prompts, str | dict) or _is_token_list(prompts):
             prompts = [prompts]
         prompts = list(prompts)
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
@@ -48,10 +47,19 @@ class LLM(EngineFrontend):
             params_list = list(sampling_params)
             if len(params_list) != len(prompts):
                 raise ValueError(f"{len(prompts)} prompts but {len(params_list)} sampling params")
-        params_list = [p.clone(output_kind=RequestOutputKind.FINAL_ONLY) for p in params_list]
         # Every prompt is checked before any is sent: a bad one costs the others nothing, and
         # the whole batch reaches the engine together.
-        prepared = [self._prepare(p, sp, None) for p, sp in zip(prompts, params_list)]
+        prepared = []
+        for i, (prompt, params) in enumerate(zip(prompts, params_list)):
+            try:
+                if not isinstance(params, SamplingParams):
+                    raise ValueError(
+                        f"sampling_params must be SamplingParams, got {type(params).__name__}"
+                    )
+                params = params.clone(output_kind=RequestOutputKind.FINAL_ONLY)
+                prepared.append(self._prepare(prompt, params, None))
+            except ValueError as e:
+                raise ValueError(f"prompts[{i}]: {e}") from None
         streams = []
         try:
             with self.client.holding():
@@ -134,6 +142,13 @@ class LLM(EngineFrontend):
 
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
+
+
+def _is_token_list(prompts: object) -> bool:
+    """One prompt given as token ids (ints, numpy integers; floats, to be refused), not a batch."""
+    if not isinstance(prompts, list | tuple) or not prompts:
+        return False
+    return isinstance(prompts[0], numbers.Number)
 
 
 def _refuse_inside_running_loop(what: str) -> None:

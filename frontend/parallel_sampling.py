@@ -1,7 +1,7 @@
 """`n > 1`: one request, n completions, as n child requests in the engine (vLLM's fan-out).
 
-Child i is `"{i}_{request_id}"` with `n=1` and, when seeded, `seed + i`. The children
-carry the same prompt, so the prefix cache shares its full blocks: the first child to be
+Child i is `"{i}_{request_id}"` with `n=1` and, when seeded, `seed + i` (wrapping in 64
+bits). The children carry the same prompt, so the prefix cache shares its full blocks: the first child to be
 scheduled registers them as it allocates them, and the others find them in the same step
 (or the next), so the prompt is prefilled about once. Only child 0 asks for prompt
 logprobs (they are the same for all), so the others may read the cache.
@@ -28,8 +28,8 @@ def child_request_id(index: int, request_id: str) -> str:
 
 def child_params(params: SamplingParams, index: int) -> SamplingParams:
     changes: dict[str, Any] = {"n": 1}
-    if params.seed is not None:
-        changes["seed"] = params.seed + index
+    if params.seed is not None:  # wrapped into 64 bits: seed 2**63 - 1 with n = 2 is valid
+        changes["seed"] = (params.seed + index + 2**63) % 2**64 - 2**63
     if index > 0:
         changes["prompt_logprobs"] = None
     return params.clone(**changes)

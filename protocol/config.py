@@ -40,6 +40,10 @@ class EngineArgs(msgspec.Struct, kw_only=True):
     )
     disable_log_stats: bool = True
     skip_tokenizer_init: bool = False
+    # Bounds: what one request, or many, may cost the engine.
+    max_logprobs: int = 20  # cap on logprobs / prompt_logprobs (vLLM's default); -1: no cap
+    max_queued_requests: int | None = None  # waiting requests beyond this are refused (overload)
+    step_timeout: float = 300.0  # seconds a step may take before the workers count as stuck
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -57,6 +61,14 @@ class EngineArgs(msgspec.Struct, kw_only=True):
             raise ValueError(
                 "distributed_executor_backend='uni' runs one rank; use 'mp' for tensor parallelism"
             )
+        if self.max_logprobs < -1:
+            raise ValueError(f"max_logprobs must be -1 (no cap) or >= 0, got {self.max_logprobs}")
+        if self.max_queued_requests is not None and self.max_queued_requests < 0:
+            raise ValueError(
+                f"max_queued_requests must be None or >= 0, got {self.max_queued_requests}"
+            )
+        if not self.step_timeout > 0:
+            raise ValueError(f"step_timeout must be > 0 seconds, got {self.step_timeout}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"

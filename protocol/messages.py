@@ -2,8 +2,8 @@
 
 Every frame on a frontend<->core socket is one of these, encoded with msgpack.
 Receivers decode with a typed decoder (`decode_client_message` / `decode_core_message`):
-a frame that does not decode raises `msgspec.ValidationError`/`DecodeError`, which the
-receiver logs and drops. No pickle crosses these sockets.
+a frame that does not decode raises `msgspec.ValidationError`/`DecodeError`; engine-core
+answers it (`core/client_frames.py`), a client logs it. No pickle crosses these sockets.
 """
 
 from __future__ import annotations
@@ -44,6 +44,13 @@ class AddRequests(msgspec.Struct, **_STRUCT):
     batch then always meets the same batch composition (and gets the same tokens)."""
 
     requests: list[AddRequest]
+
+
+class EncodedAddRequests(msgspec.Struct, tag="AddRequests", kw_only=True):
+    """`AddRequests` as a client sends it: each request encoded already, by the thread that
+    submitted it (it decodes as `AddRequests`)."""
+
+    requests: list[msgspec.Raw]
 
 
 class AbortRequests(msgspec.Struct, **_STRUCT):
@@ -103,7 +110,19 @@ class RequestUpdate(msgspec.Struct, kw_only=True, omit_defaults=True, array_like
     new_logprobs: Logprobs | None = None
     prompt_logprobs: Logprobs | None = None
     num_cached_tokens: int = 0
-    error: str | None = None
+    error: str | None = None  # the engine refused the request (finish_reason "error")
+    error_kind: str | None = None  # with `error`: "invalid" (the request) or "overloaded" (retry)
+
+    @classmethod
+    def refused(cls, request_id: str, error: str, kind: str = "invalid") -> RequestUpdate:
+        """The request will not run: `kind` "invalid" (its fault) or "overloaded" (retry later)."""
+        return cls(
+            request_id=request_id,
+            new_token_ids=[],
+            finish_reason="error",
+            error=error,
+            error_kind=kind,
+        )
 
 
 class SchedulerStats(msgspec.Struct, kw_only=True, array_like=True):
@@ -119,6 +138,7 @@ class SchedulerStats(msgspec.Struct, kw_only=True, array_like=True):
     num_scheduled_tokens: int = 0  # this step
     num_prefill_tokens: int = 0  # cumulative tokens run through the model for prompts
     num_steps: int = 0  # cumulative
+    num_rejected_frames: int = 0  # cumulative: client frames that did not decode
 
 
 class StepOutputs(msgspec.Struct, **_STRUCT):
@@ -133,13 +153,19 @@ class UtilityReply(msgspec.Struct, **_STRUCT):
     error: str | None = None
 
 
+class FrameRejected(msgspec.Struct, **_STRUCT):
+    """A frame from this client did not decode and named no request or call to answer."""
+
+    error: str
+
+
 class EngineDead(msgspec.Struct, **_STRUCT):
     """The engine is going down for good; every waiting request fails with `error`."""
 
     error: str
 
 
-CoreMessage = Union[Ready, StartupFailed, StepOutputs, UtilityReply, EngineDead]
+CoreMessage = Union[Ready, StartupFailed, StepOutputs, UtilityReply, FrameRejected, EngineDead]
 
 
 _local = threading.local()  # msgspec encoders keep a buffer: one per thread

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import os
 import signal
+import socket
 import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable
 
 _PR_SET_PDEATHSIG = 1
 
@@ -34,17 +35,17 @@ def spawn_env() -> dict[str, str]:
     return env
 
 
-def die_with_parent(
-    on_parent_exit: Callable[[], None] | None = None, interval: float = 0.2
-) -> None:
+def die_with_parent(interval: float = 0.2) -> None:
     """Exit when the process that started us is gone (SIGKILLed frontends leave no orphans).
 
     The kernel's parent-death signal covers most cases, even a process stuck in native code;
     a watcher thread covers the race where the parent died before we set it, children spawned
-    from a non-main thread (see `spawn_env`), and lets the caller clean up first.
+    from a non-main thread (see `spawn_env`), and removes the socket files we bound.
     """
     # The spawner's pid, not getppid(): the parent may already be gone by now.
     parent = int(os.environ.pop(PARENT_PID_ENV, 0) or os.getppid())
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:  # exit through atexit (socket files)
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     if os.environ.pop(PDEATHSIG_ENV, "1") != "0":
         try:
             libc = ctypes.CDLL(None, use_errno=True)
@@ -53,17 +54,16 @@ def die_with_parent(
             pass
 
     def watch() -> None:
-        while True:
-            if os.getppid() != parent:
-                if on_parent_exit is not None:
-                    try:
-                        on_parent_exit()
-                    finally:
-                        os._exit(1)
-                os._exit(1)
+        while os.getppid() == parent:
             time.sleep(interval)
+        remove_owned_socket_files()  # os._exit skips atexit
+        os._exit(1)
 
     threading.Thread(target=watch, name="zllm-parent-watch", daemon=True).start()
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def private_ipc_address(role: str) -> tuple[str, str]:
@@ -73,15 +73,27 @@ def private_ipc_address(role: str) -> tuple[str, str]:
     return f"ipc://{directory}/{role}-{uuid.uuid4().hex[:8]}.sock", directory
 
 
+_owned_socket_files: set[str] = set()  # ipc paths this process removes on any exit
+
+
 def restrict_socket_file(address: str) -> None:
-    """chmod 0600 the file behind a bound `ipc://` address."""
+    """chmod 0600 the file behind an `ipc://` address we just bound, and remember to remove it."""
     if address.startswith("ipc://"):
         path = address[len("ipc://") :]
         if os.path.exists(path):
             os.chmod(path, 0o600)
+            remove_at_exit(address)
+
+
+def remove_at_exit(address: str) -> None:
+    """Remove this socket file when we exit, however we exit (but SIGKILL): for the files we
+    bound, and for our parent's private ones, which it cannot remove if it is SIGKILLed."""
+    _owned_socket_files.add(address)
 
 
 def remove_socket_file(address: str) -> None:
+    """Remove an `ipc://` socket file and its directory if that is now empty."""
+    _owned_socket_files.discard(address)
     if address.startswith("ipc://"):
         path = address[len("ipc://") :]
         for p in (path, os.path.dirname(path)):
@@ -91,15 +103,75 @@ def remove_socket_file(address: str) -> None:
                 pass
 
 
+def remove_owned_socket_files() -> None:
+    for address in list(_owned_socket_files):
+        remove_socket_file(address)
+
+
+atexit.register(remove_owned_socket_files)
+
+
 def core_addresses(base: str) -> tuple[str, str]:
     """The input and output socket addresses of an engine-core listening at `base`.
 
     `ipc:///run/zllm/core` -> `.../core.in`, `.../core.out`; `tcp://host:port` -> port, port + 1.
+    Raises `ValueError` for anything else, naming what is wrong.
     """
     if base.startswith("tcp://"):
-        host, port = base[len("tcp://") :].rsplit(":", 1)
-        return f"tcp://{host}:{port}", f"tcp://{host}:{int(port) + 1}"
-    return f"{base}.in", f"{base}.out"
+        host, sep, port_text = base[len("tcp://") :].rpartition(":")
+        if not sep or not host or not port_text.isdigit():
+            raise ValueError(f"a tcp address is tcp://HOST:PORT, got {base!r}")
+        port = int(port_text)
+        if not 1 <= port <= 65534:
+            raise ValueError(
+                f"port {port} in {base!r} is out of range: engine-core listens on PORT and "
+                "PORT+1, so PORT must be in [1, 65534]"
+            )
+        return f"tcp://{host}:{port}", f"tcp://{host}:{port + 1}"
+    if base.startswith("ipc://") and len(base) > len("ipc://"):
+        return f"{base}.in", f"{base}.out"
+    raise ValueError(f"an engine-core address is ipc:///path/name or tcp://host:port, got {base!r}")
+
+
+def listener_error(address: str) -> str | None:
+    """Why nothing can be listening at a daemon's socket address, or None if something may be.
+
+    A refused connection is certain; a silent host is not (it may be slow), so only the
+    former is an error here.
+    """
+    if address.startswith("ipc://"):
+        path = address[len("ipc://") :]
+        if not os.path.exists(path):
+            return f"the socket file {path} does not exist"
+        if not ipc_listener_alive(address):
+            return f"the socket file {path} is stale: nothing accepts connections on it"
+        return None
+    host, _, port = address[len("tcp://") :].rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=2.0).close()
+    except ConnectionRefusedError:
+        return f"{host}:{port} refused the connection"
+    except OSError:
+        return None  # unreachable or slow: the handshake's own timeout decides
+    return None
+
+
+def ipc_listener_alive(address: str) -> bool:
+    """Whether some process accepts connections on this `ipc://` socket file right now.
+
+    Binding an ipc path silently replaces the file, stealing it from a live daemon; a stale
+    file (its daemon is gone) refuses connections and may be replaced.
+    """
+    path = address[len("ipc://") :]
+    if not os.path.exists(path):
+        return False
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(path)
+        except OSError:
+            return False
+    return True
 
 
 def describe_exit(pid: int, returncode: int) -> str:
@@ -111,3 +183,23 @@ def describe_exit(pid: int, returncode: int) -> str:
             name = f"signal {-returncode}"
         return f"(pid {pid}) was killed by {name}"
     return f"(pid {pid}) exited with code {returncode}"
+
+
+_PROC_STATES = {
+    "R": "running",
+    "S": "sleeping",
+    "D": "in uninterruptible sleep (stuck in the kernel or a driver?)",
+    "T": "stopped (SIGSTOP?)",
+    "t": "stopped by a debugger",
+    "Z": "a zombie (exited)",
+}
+
+
+def process_state(pid: int) -> str:
+    """A process's scheduler state in words, from /proc (Linux), for error messages."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "in an unknown state"
+    return _PROC_STATES.get(state, f"in state {state!r}")

@@ -7,6 +7,7 @@ so the engine never sees a value the user was not told about.
 from __future__ import annotations
 
 import enum
+import numbers
 
 import msgspec
 
@@ -122,4 +123,5 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True, dict=Fals
 
 
 def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    """An integer, numpy's included (sent as a plain int: see `protocol/admission.py`)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)

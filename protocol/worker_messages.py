@@ -69,7 +69,7 @@ class ModelOutput(msgspec.Struct, **_STRUCT):
     request_ids: list[str]
     sampled_token_ids: list[int]
     logprobs: list[Logprobs | None] = []
-    prompt_logprobs: dict[str, Logprobs] = {}
+    prompt_logprobs: dict[str, Logprobs] = {}  # per request: this step's chunk of its prompt
 
 
 class WorkerReply(msgspec.Struct, **_STRUCT):

@@ -14,6 +14,7 @@ import random
 import pytest
 
 from zllm import LLM, AsyncLLM, EngineArgs, SamplingParams
+from zllm.frontend.input_processor import ProcessedRequest
 from zllm.protocol.config import ModelConfig
 from zllm.protocol.messages import SchedulerStats
 
@@ -216,7 +217,7 @@ def test_engine_core_refuses_what_can_never_fit(prefix_llm) -> None:
     """A client that skips the frontend checks gets an error back, not a request that waits
     forever for blocks."""
     stream = prefix_llm.client.add_request(
-        "too-big", None, [5] * 10, SamplingParams(max_tokens=1000)
+        ProcessedRequest("too-big", None, [5] * 10, SamplingParams(max_tokens=1000))
     )
     error = stream.get_blocking(timeout=30)
     assert isinstance(error, ValueError) and "KV blocks" in str(error)

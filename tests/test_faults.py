@@ -27,10 +27,13 @@ LONG = SamplingParams(max_tokens=900, ignore_eos=True, temperature=0)
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_checkpoints):
+def runs(tiny_checkpoints, tmp_path_factory):
+    """The scenarios, each with its own TMPDIR: where its engine's socket files live."""
     model = tiny_checkpoints["llama"]
     procs = {
-        name: ScenarioProcess("fault_scenarios.py", name, model)
+        name: ScenarioProcess(
+            "fault_scenarios.py", name, model, env={"TMPDIR": str(tmp_path_factory.mktemp(name))}
+        )
         for name in ("kill_worker", "kill_core", "frontend")
     }
     yield procs
@@ -66,6 +69,9 @@ def test_sigkill_engine_core_fails_every_stream_and_its_workers_exit(runs):
     _check_streams_died(result, "engine-core")
     assert "SIGKILL" in result["streams"][0]["error"]
     assert result["workers_gone_s"] is not None and result["workers_gone_s"] < 5
+    # The SIGKILLed core could not remove its socket files: its worker and client did.
+    tmpdir = runs["kill_core"].env["TMPDIR"]
+    assert not list(Path(tmpdir).glob("zllm-*")), list(Path(tmpdir).glob("zllm-*/*"))
 
 
 def _gone(pid: int) -> bool:

@@ -15,7 +15,10 @@ TOL = 1e-3
 @pytest.fixture(scope="module")
 def llm(tiny_checkpoints):
     llm = LLM(
-        tiny_checkpoints["llama"], distributed_executor_backend="uni", max_num_batched_tokens=32
+        tiny_checkpoints["llama"],
+        distributed_executor_backend="uni",
+        max_num_batched_tokens=32,
+        max_logprobs=-1,  # logprobs=-1 (the whole vocabulary) below
     )
     yield llm
     llm.shutdown()

@@ -93,6 +93,7 @@ CORE_MESSAGES = [
     ),
     m.UtilityReply(call_id=3, result={"a": [1, 2]}),
     m.UtilityReply(call_id=4, error="ValueError: bad level"),
+    m.FrameRejected(error="the frame is not msgpack"),
     m.EngineDead(error="worker 0 died"),
 ]
 TO_WORKER = [
@@ -139,8 +140,18 @@ def _structs_of(module) -> set[type]:
 
 def test_every_message_type_has_a_round_trip_sample() -> None:
     covered = {type(x) for x in CLIENT_MESSAGES + CORE_MESSAGES + TO_WORKER + TO_CORE + NESTED}
+    covered.add(m.EncodedAddRequests)  # encode-only: see the next test
     missing = (_structs_of(m) | _structs_of(w)) - covered
     assert not missing, f"add samples for {sorted(c.__name__ for c in missing)}"
+
+
+def test_pre_encoded_adds_decode_as_add_requests() -> None:
+    adds = CLIENT_MESSAGES[2]
+    frame = m.encode(
+        m.EncodedAddRequests(requests=[msgspec.Raw(m.encode(a)) for a in adds.requests])
+    )
+    assert frame == m.encode(adds)
+    assert m.decode_client_message(frame) == adds
 
 
 @pytest.mark.parametrize(
@@ -223,9 +234,12 @@ def _garbage_frames() -> list[list[bytes]]:
 
 
 @pytest.mark.timeout(120)
-def test_core_survives_garbage_frames(llm: LLM) -> None:
+def test_core_answers_every_garbage_frame_and_keeps_serving(llm: LLM) -> None:
+    """Garbage on either socket is answered (an error naming the request it could read, else
+    `FrameRejected`), counted in the stats, and the next good request still runs."""
     greedy = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
     expected = llm.generate(["Hello there"], greedy)[0].outputs[0].token_ids
+    rejected_before = llm.get_stats().num_rejected_frames
 
     ctx = zmq.Context()
     identity = uuid.uuid4().bytes
@@ -238,30 +252,38 @@ def test_core_survives_garbage_frames(llm: LLM) -> None:
         socks.append(sock)
     to_core, from_core = socks
     try:
-        for frames in _garbage_frames():
+        from_core.send(m.encode(m.Hello(protocol_version=m.PROTOCOL_VERSION, client_name="raw")))
+        assert from_core.poll(30_000)
+        assert isinstance(m.decode_core_message(from_core.recv()), m.Ready)
+        garbage = _garbage_frames()
+        for frames in garbage:
             to_core.send_multipart(frames)
             from_core.send_multipart(frames)
-        # A well-formed client on the same connections, after the garbage: frames from one
-        # DEALER arrive in order, so its answer proves the garbage was read and dropped.
-        from_core.send(m.encode(m.Hello(protocol_version=m.PROTOCOL_VERSION, client_name="raw")))
+        # Frames from one DEALER arrive in order: the good request is read after the garbage.
         request = m.AddRequest(
             request_id="raw-1", prompt_token_ids=[9, 10, 11], sampling_params=greedy
         )
         to_core.send(m.encode(request))
         got: list[int] = []
         finished = None
-        ready = False
-        while finished is None:
+        rejected, refused_x = 0, 0
+        while finished is None or rejected + refused_x < 2 * len(garbage):
             assert from_core.poll(60_000), "engine-core stopped answering after garbage frames"
             message = m.decode_core_message(from_core.recv())
-            if isinstance(message, m.Ready):
-                ready = True
+            if isinstance(message, m.FrameRejected):
+                rejected += 1
             elif isinstance(message, m.StepOutputs):
                 for update in message.updates:
+                    if update.request_id == "x":
+                        assert update.finish_reason == "error" and update.error
+                        refused_x += 1
+                        continue
                     assert update.request_id == "raw-1"
                     got += update.new_token_ids
                     finished = update.finish_reason
-        assert ready and finished == "length" and len(got) == 6
+        assert finished == "length" and len(got) == 6
+        assert refused_x == 4, "the two AddRequests that name request 'x', on both sockets"
+        assert rejected + refused_x == 2 * len(garbage), "one answer per garbage frame"
         to_core.send(m.encode(m.Goodbye()))
     finally:
         for sock in socks:
@@ -269,5 +291,6 @@ def test_core_survives_garbage_frames(llm: LLM) -> None:
         ctx.term()
 
     assert llm.client.proc.poll() is None, "engine-core died"
+    assert llm.get_stats().num_rejected_frames - rejected_before == 2 * len(garbage)
     again = llm.generate(["Hello there"], greedy)[0].outputs[0].token_ids
     assert again == expected

@@ -16,7 +16,7 @@ import msgspec
 import zmq
 
 from zllm.protocol.config import EngineArgs, ModelConfig
-from zllm.protocol.process import die_with_parent
+from zllm.protocol.process import die_with_parent, remove_at_exit
 from zllm.protocol.worker_messages import (
     ExecuteModel,
     WorkerCall,
@@ -92,6 +92,7 @@ def main() -> None:
         sys.argv[4],
     )
     die_with_parent()
+    remove_at_exit(address)  # engine-core's private socket: gone with whichever of us is last
     config_json = sys.stdin.buffer.read()
     try:
         run_worker(address, rank, world_size, dist_init or None, config_json)

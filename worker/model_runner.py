@@ -27,8 +27,6 @@ class RequestState:
     output_token_ids: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
     next_prompt_logprob: int = 1  # first prompt position whose logprob is still owed
-    # (ids, logprobs, ranks) on the host, sent with the request's next sampled token
-    pending_prompt_logprobs: list[tuple[torch.Tensor, ...]] = field(default_factory=list)
 
 
 @dataclass
@@ -119,10 +117,7 @@ class ModelRunner:
         for rows in prompt_rows:
             rows.targets_t = to_device(rows.targets, torch.long)
         hidden = self.model(ids_t, pos_t, self.kv_caches, meta)
-        for rows in prompt_rows:
-            self.requests[rows.key].pending_prompt_logprobs.extend(
-                self._prompt_logprobs(hidden, rows)
-            )
+        prompt_parts = {rows.key: self._prompt_logprobs(hidden, rows) for rows in prompt_rows}
         sampled: list[int] = []
         logprobs: list[Logprobs | None] = []
         if sample_keys:
@@ -145,13 +140,11 @@ class ModelRunner:
                 state.output_token_ids.append(token)
             if gathered is not None:
                 logprobs = _split(gathered, [s.params.logprobs for s in states], self._top_k)
-        # Prompt logprobs gathered over the prefill chunks travel with the first sampled token.
-        prompt_logprobs = {}
-        for key in sample_keys:
-            state = self.requests[key]
-            if state.pending_prompt_logprobs:
-                prompt_logprobs[key] = _to_logprobs(state.pending_prompt_logprobs)
-                state.pending_prompt_logprobs = []
+        # Each chunk's prompt logprobs go out with its own step: what a step ships is bounded by
+        # the step's size, never by the prompt's.
+        if prompt_parts and not sample_keys and self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()  # no sampled ids to wait on
+        prompt_logprobs = {key: _to_logprobs(parts) for key, parts in prompt_parts.items()}
         return ModelOutput(
             request_ids=sample_keys,
             sampled_token_ids=sampled,

@@ -43,9 +43,11 @@ def tiny_async_engine(path: str):
 
 
 class ScenarioProcess:
-    def __init__(self, script: str, *args: str) -> None:
+    def __init__(self, script: str, *args: str, env: dict[str, str] | None = None) -> None:
         self.name = " ".join([script, *args[:1]])
-        env = dict(os.environ, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+        self.env = env = dict(
+            os.environ, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", **(env or {})
+        )
         # stderr to a file: engine processes inherit it and must never block on a full pipe
         self.stderr = tempfile.TemporaryFile("w+")
         self.proc = subprocess.Popen(

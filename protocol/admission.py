@@ -1,0 +1,153 @@
+"""The rules every request meets: once at the edge (the frontend raises `ValueError` at
+submission) and again in engine-core (which answers a refusal), with the same words.
+
+A request first goes through the wire schema the core decodes with (`canonical_request`):
+numpy and torch integers become ints, a `SamplingParams` changed after construction is
+validated again, and a float token id is refused here rather than by the core's decoder.
+Then `request_error` checks it against the engine's limits.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import msgspec
+
+from zllm.protocol.messages import AddRequest, Ready
+from zllm.protocol.sampling_params import SamplingParams
+
+MAX_REQUEST_ID_BYTES = 256
+
+
+class AdmissionLimits(msgspec.Struct, frozen=True, kw_only=True):
+    """What the engine can take, as both sides know it."""
+
+    max_model_len: int
+    vocab_size: int
+    block_size: int
+    num_kv_blocks: int
+    max_logprobs: int  # -1: no cap
+
+    @classmethod
+    def from_ready(cls, ready: Ready) -> AdmissionLimits:
+        return cls(
+            max_model_len=ready.model_config.max_model_len,
+            vocab_size=ready.model_config.vocab_size,
+            block_size=ready.engine_args.block_size,
+            num_kv_blocks=ready.num_kv_blocks,
+            max_logprobs=ready.engine_args.max_logprobs,
+        )
+
+
+def _to_wire(value: Any) -> Any:
+    """numpy / torch integers and arrays as plain Python values (floats stay floats, so the
+    typed decode refuses them where an int is due)."""
+    if hasattr(value, "tolist"):  # numpy arrays and scalars, torch tensors
+        return value.tolist()
+    if hasattr(value, "__index__"):
+        return value.__index__()
+    raise NotImplementedError(f"cannot send a value of type {type(value).__name__}")
+
+
+_encoder = msgspec.msgpack.Encoder(enc_hook=_to_wire)
+_decoder = msgspec.msgpack.Decoder(AddRequest)
+
+
+def canonical_request(
+    request_id: str, prompt_token_ids: Any, params: SamplingParams, arrival_time: float = 0.0
+) -> AddRequest:
+    """The request exactly as engine-core will decode it, or `ValueError` naming the field."""
+    if not isinstance(params, SamplingParams):
+        raise ValueError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
+    # As fields, not a new SamplingParams: its checks run once, on the decoded values.
+    fields = msgspec.structs.asdict(params)
+    if isinstance(fields["stop"], str):  # vLLM accepts `sp.stop = "..."` after construction
+        fields["stop"] = [fields["stop"]]
+    try:
+        frame = _encoder.encode(
+            AddRequest(
+                request_id=request_id,
+                prompt_token_ids=prompt_token_ids,
+                sampling_params=fields,
+                arrival_time=arrival_time,
+            )
+        )
+    except (TypeError, OverflowError, NotImplementedError) as e:
+        raise ValueError(f"the request cannot be encoded: {e}") from None
+    try:
+        return _decoder.decode(frame)
+    except msgspec.ValidationError as e:
+        raise ValueError(describe_validation_error(e)) from None
+
+
+_PATH = re.compile(r" - at `\$\.?([^`]*)`$")
+
+
+def describe_validation_error(error: msgspec.ValidationError) -> str:
+    """msgspec's "Expected `int`, got `float` - at `$.prompt_token_ids[0]`" as
+    "prompt_token_ids[0]: expected `int`, got `float`"."""
+    text = str(error)
+    match = _PATH.search(text)
+    if match is None:
+        return text
+    message, path = text[: match.start()], match.group(1)
+    if message.startswith("SamplingParams."):  # our own check already names the field
+        return message
+    path = path.replace("sampling_params.", "SamplingParams.", 1)
+    return f"{path}: {message[:1].lower()}{message[1:]}" if path else message
+
+
+def request_error(add: AddRequest, limits: AdmissionLimits) -> str | None:
+    """Why the engine cannot take this (canonical) request, or None."""
+    size = len(add.request_id.encode("utf-8", "surrogatepass"))
+    if size > MAX_REQUEST_ID_BYTES:
+        return f"the request id is {size} bytes long; at most {MAX_REQUEST_ID_BYTES} are allowed"
+    ids, params = add.prompt_token_ids, add.sampling_params
+    n, max_len, vocab = len(ids), limits.max_model_len, limits.vocab_size
+    if n == 0:
+        return "the prompt is empty"
+    if n >= max_len:
+        return (
+            f"the prompt has {n} tokens, but max_model_len is {max_len} (nothing left to generate)"
+        )
+    if params.max_tokens is not None and n + params.max_tokens > max_len:
+        return (
+            f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) = {n + params.max_tokens} "
+            f"exceeds max_model_len={max_len}"
+        )
+    bad = next((i for i, t in enumerate(ids) if not 0 <= t < vocab), None)
+    if bad is not None:
+        return f"prompt_token_ids[{bad}] = {ids[bad]} is outside the vocabulary [0, {vocab})"
+    for name in ("logprobs", "prompt_logprobs"):
+        error = _logprobs_error(name, getattr(params, name), limits)
+        if error is not None:
+            return error
+    for name, tokens in (
+        ("stop_token_ids", params.stop_token_ids or []),
+        ("logit_bias", list(params.logit_bias or {})),
+    ):
+        bad = next((t for t in tokens if t >= vocab), None)
+        if bad is not None:
+            return f"SamplingParams.{name}: token id {bad} is outside the vocabulary [0, {vocab})"
+    total = n + (params.max_tokens or max_len - n)
+    needed = -(-total // limits.block_size)
+    if needed > limits.num_kv_blocks:
+        return (
+            f"the request needs {needed} KV blocks ({total} tokens) but the engine's whole KV "
+            f"cache has {limits.num_kv_blocks}; lower max_tokens or give the engine more KV memory"
+        )
+    return None
+
+
+def _logprobs_error(name: str, k: int | None, limits: AdmissionLimits) -> str | None:
+    if k is None or limits.max_logprobs == -1:
+        return None
+    asked = limits.vocab_size if k == -1 else k
+    if asked <= limits.max_logprobs:
+        return None
+    what = f"-1 (the whole vocabulary, {limits.vocab_size})" if k == -1 else str(k)
+    return (
+        f"SamplingParams.{name}={what} is more than max_logprobs={limits.max_logprobs}; "
+        "ask for fewer, or start the engine with a larger max_logprobs"
+    )
