@@ -20,7 +20,9 @@ class Executor(ABC):
     def execute_model(self, step: ExecuteModel) -> ModelOutput: ...
 
     @abstractmethod
-    def collective_rpc(self, method: str, *args: Any) -> list[Any]:
+    def collective_rpc(
+        self, method: str, *args: Any, kwargs: dict[str, Any] | None = None
+    ) -> list[Any]:
         """Call a worker method on every rank; return each rank's result."""
 
     @abstractmethod

@@ -129,9 +129,13 @@ class MultiprocExecutor(Executor):
                 return message
             logger.warning("unexpected %s while waiting for a step", type(message).__name__)
 
-    def collective_rpc(self, method: str, *args: Any) -> list[Any]:
+    def collective_rpc(
+        self, method: str, *args: Any, kwargs: dict[str, Any] | None = None
+    ) -> list[Any]:
         call_id = next(self.call_ids)
-        self._send_all(WorkerCall(call_id=call_id, method=method, args=list(args)))
+        self._send_all(
+            WorkerCall(call_id=call_id, method=method, args=list(args), kwargs=kwargs or {})
+        )
         replies: dict[int, WorkerReply] = {}
         while len(replies) < self.world_size:
             message = self._recv(None)

@@ -44,6 +44,7 @@ from zllm.protocol.messages import (
     encode,
 )
 from zllm.protocol.process import remove_socket_file, restrict_socket_file
+from zllm.protocol.rpc import check_user_rpc
 
 logger = logging.getLogger("zllm.core")
 
@@ -51,6 +52,7 @@ IDLE_HEALTH_CHECK_S = 0.5
 UTILITY_METHODS = frozenset(
     {"reset_prefix_cache", "sleep", "wake_up", "is_sleeping", "get_stats", "check_health"}
 )
+UTILITY_METHODS |= {"collective_rpc"}  # a worker method by name (protocol/rpc.py)
 
 
 def _client_message(frames: list[bytes], socket_name: str) -> tuple[bytes, Any] | None:
@@ -301,6 +303,10 @@ class EngineCoreServer:
             elif call.method == "check_health":
                 engine.executor.check_health()
                 result = True
+            elif call.method == "collective_rpc":  # a worker method by name, for every rank
+                method, args, kwargs = call.args
+                check_user_rpc(method, args, kwargs)
+                result = engine.executor.collective_rpc(method, *args, kwargs=kwargs)
             else:
                 result = getattr(engine, call.method)(*call.args)
             return UtilityReply(call_id=call.call_id, result=result)
