@@ -212,10 +212,12 @@ class EngineClient:
         prompt: str | None,
         prompt_token_ids: list[int],
         params: SamplingParams,
+        stream: RequestStream | None = None,
     ) -> RequestStream:
-        """Start a request (n > 1: its n children); its outputs or its error arrive in the stream."""
+        """Start a request (n > 1: its n children); its outputs or its error arrive in the stream
+        (a new one, or `stream`, which `LLMEngine` shares between all its requests)."""
         _, children = fan_out(request_id, prompt, prompt_token_ids, params, self.tokenizer)
-        stream = RequestStream()
+        stream = RequestStream() if stream is None else stream
         suffix = uuid.uuid4().hex[:8]
         lives = [_Live(request_id, f"{cid}-{suffix}", state, stream) for cid, _, state in children]
         with self.lock:  # checked under the lock: `_die` cannot slip in between
@@ -526,6 +528,14 @@ class EngineClient:
 
 
 _live_clients: weakref.WeakSet[EngineClient] = weakref.WeakSet()
+
+
+def wait_for_dropped_clients(timeout_s: float = 30.0) -> None:
+    """Wait until every client whose owner was dropped (`shutdown_soon`) has stopped its engine."""
+    deadline = time.monotonic() + timeout_s
+    for client in list(_live_clients):
+        if client._shutdown_requested or client._shutdown_started:
+            client._shutdown_done.wait(max(0.0, deadline - time.monotonic()))
 
 
 @atexit.register

@@ -8,10 +8,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from zllm.frontend.prompts import PROMPT_KEYS, PromptType
 from zllm.protocol.messages import Ready
 from zllm.protocol.sampling_params import SamplingParams
 
-PromptType = str | Mapping[str, Any] | list[int]
+__all__ = ["InputProcessor", "PromptType"]
 
 
 class InputProcessor:
@@ -26,6 +27,12 @@ class InputProcessor:
         if isinstance(prompt, str):
             text, ids = prompt, None
         elif isinstance(prompt, Mapping):
+            unknown = set(prompt) - PROMPT_KEYS
+            if unknown:
+                raise ValueError(
+                    f"prompt keys {sorted(unknown)} are not supported by zllm "
+                    f"(a prompt dict has {sorted(PROMPT_KEYS)})"
+                )
             if "prompt_token_ids" in prompt:
                 text, ids = prompt.get("prompt"), list(prompt["prompt_token_ids"])
             elif "prompt" in prompt:
