@@ -20,8 +20,15 @@ class Executor(ABC):
     def execute_model(self, step: ExecuteModel) -> ModelOutput: ...
 
     @abstractmethod
-    def collective_rpc(self, method: str, *args: Any) -> list[Any]:
-        """Call a worker method on every rank; return each rank's result."""
+    def collective_rpc(
+        self,
+        method: str,
+        *args: Any,
+        kwargs: dict[str, Any] | None = None,
+        timeout_s: float | None = None,
+    ) -> list[Any]:
+        """Call a worker method on every rank; return each rank's result. A rank that does not
+        answer within `timeout_s` (default: `step_timeout`) is a `WorkerDiedError`."""
 
     @abstractmethod
     def check_health(self) -> None:

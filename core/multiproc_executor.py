@@ -140,9 +140,17 @@ class MultiprocExecutor(Executor):
                 return message
             logger.warning("unexpected %s while waiting for a step", type(message).__name__)
 
-    def collective_rpc(self, method: str, *args: Any, timeout_s: float | None = None) -> list[Any]:
+    def collective_rpc(
+        self,
+        method: str,
+        *args: Any,
+        kwargs: dict[str, Any] | None = None,
+        timeout_s: float | None = None,
+    ) -> list[Any]:
         call_id = next(self.call_ids)
-        self._send_all(WorkerCall(call_id=call_id, method=method, args=list(args)))
+        self._send_all(
+            WorkerCall(call_id=call_id, method=method, args=list(args), kwargs=kwargs or {})
+        )
         replies: dict[int, WorkerReply] = {}
         deadline = time.monotonic() + (timeout_s or self.step_timeout)
         while len(replies) < self.world_size:

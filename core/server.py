@@ -49,6 +49,7 @@ from zllm.protocol.messages import (
     encode,
 )
 from zllm.protocol.process import ipc_listener_alive, remove_socket_file, restrict_socket_file
+from zllm.protocol.rpc import check_user_rpc
 
 logger = logging.getLogger("zllm.core")
 
@@ -59,6 +60,7 @@ MESSAGES_PER_STEP = 512  # inbox items handled between two steps: a flood cannot
 UTILITY_METHODS = frozenset(
     {"reset_prefix_cache", "sleep", "wake_up", "is_sleeping", "get_stats", "check_health"}
 )
+UTILITY_METHODS |= {"collective_rpc"}  # a worker method by name (protocol/rpc.py)
 
 
 class ListenError(RuntimeError):
@@ -350,6 +352,10 @@ class EngineCoreServer:
                 engine.executor.check_health()
                 engine.executor.ping(min(HEALTH_PING_TIMEOUT_S, self.engine_args.step_timeout))
                 result = True
+            elif call.method == "collective_rpc":  # a worker method by name, for every rank
+                method, args, kwargs = call.args
+                check_user_rpc(method, args, kwargs)
+                result = engine.executor.collective_rpc(method, *args, kwargs=kwargs)
             else:
                 result = getattr(engine, call.method)(*call.args)
             return UtilityReply(call_id=call.call_id, result=result)

@@ -19,8 +19,14 @@ class UniprocExecutor(Executor):
     def execute_model(self, step: ExecuteModel) -> ModelOutput:
         return self.worker.execute_model(step)
 
-    def collective_rpc(self, method: str, *args: Any) -> list[Any]:
-        return [self.worker.call(method, list(args))]
+    def collective_rpc(
+        self,
+        method: str,
+        *args: Any,
+        kwargs: dict[str, Any] | None = None,
+        timeout_s: float | None = None,
+    ) -> list[Any]:
+        return [self.worker.call(method, list(args), kwargs)]
 
     def check_health(self) -> None:
         pass  # the worker is this process: if it stopped, so did we

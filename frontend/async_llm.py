@@ -7,19 +7,29 @@ thread, and each `await` waits on whichever loop is running it at that moment.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncGenerator
 from typing import Any
 
 import msgspec
 
 from zllm.frontend.engine_client import EngineClient
-from zllm.frontend.engine_configs import DecodingConfig, ParallelConfig, SchedulerConfig
+from zllm.frontend.engine_configs import (
+    DecodingConfig,
+    ParallelConfig,
+    SchedulerConfig,
+    VllmConfig,
+)
 from zllm.frontend.engine_frontend import EngineFrontend, check_sleep_args
 from zllm.frontend.input_processor import PromptType
+from zllm.frontend.metrics_reader import stats_line
+from zllm.frontend.model_config import ModelConfig
 from zllm.frontend.outputs import RequestOutput
-from zllm.protocol.config import AsyncEngineArgs, EngineArgs, ModelConfig
+from zllm.protocol.config import AsyncEngineArgs, EngineArgs
 from zllm.protocol.messages import SchedulerStats
 from zllm.protocol.sampling_params import SamplingParams
+
+logger = logging.getLogger("zllm")
 
 
 class AsyncLLM(EngineFrontend):
@@ -37,6 +47,8 @@ class AsyncLLM(EngineFrontend):
         prompt: PromptType,
         sampling_params: SamplingParams | None = None,
         request_id: str | None = None,
+        *,
+        lora_request: Any = None,
         **_: Any,
     ) -> AsyncGenerator[RequestOutput, None]:
         """Yield `RequestOutput`s for one prompt as the engine produces them.
@@ -46,6 +58,8 @@ class AsyncLLM(EngineFrontend):
         aborted with `abort()` ends with an output whose `finish_reason` is "abort"; a dead
         engine raises `EngineDeadError`.
         """
+        if lora_request is not None:
+            raise NotImplementedError("lora_request is not supported by zllm (no LoRA adapters)")
         request_id, stream = self._add_request(prompt, sampling_params, request_id)
         guard = _AbortIfAbandoned(self.client, request_id)
         try:
@@ -89,6 +103,34 @@ class AsyncLLM(EngineFrontend):
 
     async def get_scheduler_config(self) -> SchedulerConfig:
         return self._scheduler_config()
+
+    async def get_vllm_config(self) -> VllmConfig:
+        return self._vllm_config()
+
+    async def do_log_stats(self, *_: Any) -> None:
+        """Log the engine's state in one line (vLLM's stat logging); off with the default
+        `disable_log_stats=True`, as in vLLM."""
+        if not self.engine_args.disable_log_stats:
+            logger.info("%s", stats_line(await self.get_stats()))
+
+    async def collective_rpc(
+        self,
+        method: str,
+        timeout: float | None = None,
+        args: tuple = (),
+        kwargs: dict | None = None,
+    ) -> list[Any]:
+        """See `LLM.collective_rpc`."""
+        future = asyncio.wrap_future(self._collective_rpc(method, args, kwargs))
+        return await asyncio.wait_for(future, timeout)
+
+    async def start_profile(self) -> None:
+        """See `LLM.start_profile`."""
+        await self.collective_rpc("start_profile")
+
+    async def stop_profile(self) -> None:
+        for path in await self.collective_rpc("stop_profile"):
+            logger.info("profiler trace written to %s", path)
 
     async def get_tokenizer(self, lora_request: Any = None):
         return self.tokenizer

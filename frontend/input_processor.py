@@ -10,13 +10,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
+
+from zllm.frontend.prompts import PROMPT_KEYS, PromptType
+from zllm.frontend.sampling_inputs import apply_sampling_inputs
 from zllm.protocol.admission import AdmissionLimits, canonical_request, request_error
 from zllm.protocol.messages import Ready
 from zllm.protocol.sampling_params import SamplingParams
 
-PromptType = str | Mapping[str, Any] | list[int]
-
-PROMPT_KEYS = frozenset({"prompt", "prompt_token_ids"})
+__all__ = ["InputProcessor", "ProcessedRequest", "PromptType"]
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,7 @@ class ProcessedRequest:
 class InputProcessor:
     def __init__(self, tokenizer, ready: Ready) -> None:
         self.tokenizer = tokenizer
+        self.model_config = ready.model_config
         self.limits = AdmissionLimits.from_ready(ready)
 
     def process(
@@ -42,10 +45,18 @@ class InputProcessor:
             raise ValueError(f"request_id must be a str, got {type(request_id).__name__}")
         text, ids = self.tokenize(prompt)
         add = canonical_request(request_id, ids, params)
+        ids, params = apply_sampling_inputs(
+            add.prompt_token_ids, add.sampling_params, self.tokenizer, self.model_config
+        )
+        add = msgspec.structs.replace(add, prompt_token_ids=ids, sampling_params=params)
         error = request_error(add, self.limits)
         if error is not None:
             raise ValueError(error)
-        return ProcessedRequest(request_id, text, add.prompt_token_ids, add.sampling_params)
+        return ProcessedRequest(request_id, text, ids, params)
+
+    def prompt_token_ids(self, prompt: PromptType) -> list[int]:
+        """A prompt's token ids as plain ints (`ValueError` for anything else)."""
+        return canonical_request("", self.tokenize(prompt)[1], SamplingParams()).prompt_token_ids
 
     def tokenize(self, prompt: PromptType) -> tuple[str | None, Any]:
         """(prompt text or None, token ids as given) for a string, `{"prompt": ...}`,

@@ -2,42 +2,70 @@
 
 from __future__ import annotations
 
-import asyncio
+import functools
+import logging
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgspec
 
-from zllm.frontend.engine_configs import DecodingConfig, ParallelConfig, SchedulerConfig
+from zllm.frontend.beam_search import BeamSearchOutput, BeamSearchParams, beam_search
+from zllm.frontend.blocking import check_blocking_call
+from zllm.frontend.engine_configs import (
+    DecodingConfig,
+    ParallelConfig,
+    SchedulerConfig,
+    VllmConfig,
+)
 from zllm.frontend.engine_frontend import EngineFrontend, check_sleep_args
 from zllm.frontend.input_processor import PromptType
+from zllm.frontend.llm_engine import LLMEngine
+from zllm.frontend.metrics_reader import Metric, metrics_from_stats
+from zllm.frontend.model_config import ModelConfig
 from zllm.frontend.outputs import RequestOutput
-from zllm.protocol.config import EngineArgs, ModelConfig
+from zllm.frontend.progress import progress_bar
+from zllm.frontend.seeding import seed_everything
+from zllm.protocol.config import EngineArgs
 from zllm.protocol.messages import SchedulerStats
 from zllm.protocol.sampling_params import RequestOutputKind, SamplingParams
 
+logger = logging.getLogger("zllm")
+
 
 class LLM(EngineFrontend):
-    """`LLM(model=..., **engine_args)`; every `EngineArgs` field is a keyword."""
+    """`LLM(model=..., **engine_args)`; every `EngineArgs` field is a keyword. `model` is a
+    checkpoint directory, a Hugging Face hub id, or None for the default model. `seed=N`
+    also seeds this process's `random`, `numpy` and `torch`, as vLLM's in-process engine does."""
 
     def __init__(self, model: str | None = None, **kwargs: Any) -> None:
-        super().__init__(EngineArgs(model=model, **kwargs))
+        engine_args = EngineArgs(model=model, **kwargs)
+        if kwargs.get("seed") is not None:
+            seed_everything(engine_args.seed)
+        super().__init__(engine_args)
+
+    @classmethod
+    def from_engine_args(cls, engine_args: EngineArgs) -> LLM:
+        llm = cls.__new__(cls)
+        EngineFrontend.__init__(llm, engine_args)
+        return llm
 
     def generate(
         self,
         prompts: PromptType | Sequence[PromptType],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-        use_tqdm: bool = False,
+        use_tqdm: bool | Callable[..., Any] = True,
+        lora_request: Any = None,
     ) -> list[RequestOutput]:
         """Run every prompt to completion; outputs come back in input order.
 
-        Blocks the calling thread, so it refuses to run on a thread whose event loop is running
-        (it would freeze that loop): it raises `RuntimeError` at once there. Use `AsyncLLM`, or
-        `await asyncio.to_thread(llm.generate, ...)`. Any other thread may call it, also while
-        other threads run their own loops or generate at the same time.
+        Blocks the calling thread. From a thread whose event loop is running (a notebook) it
+        blocks that loop too, as vLLM's does, with a one-time warning. Any thread may call it,
+        also while other threads run their own loops or generate at the same time.
+        `use_tqdm`: a progress bar on stderr (or a tqdm-like class to make one).
         """
-        _refuse_inside_running_loop("LLM.generate")
+        check_blocking_call("LLM.generate", self.client.io_thread)
+        _no_lora(lora_request)
         if isinstance(prompts, str | dict) or _is_token_list(prompts):
             prompts = [prompts]
         prompts = list(prompts)
@@ -66,11 +94,13 @@ class LLM(EngineFrontend):
                 for request in prepared:
                     streams.append(self._submit(request))
             results = []
-            for _, stream in streams:
-                item = stream.get_blocking()
-                if isinstance(item, BaseException):
-                    raise item
-                results.append(item)
+            with progress_bar(use_tqdm, len(streams), "Processed prompts") as bar:
+                for _, stream in streams:
+                    item = stream.get_blocking()
+                    if isinstance(item, BaseException):
+                        raise item
+                    results.append(item)
+                    bar.update(1)
             return results
         finally:  # an error or Ctrl-C midway: stop the rest (finished ones are unaffected)
             self.client.abort([rid for rid, _ in streams])
@@ -79,20 +109,105 @@ class LLM(EngineFrontend):
         self,
         messages: list[dict] | list[list[dict]],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool | Callable[..., Any] = True,
+        lora_request: Any = None,
+        *,
+        chat_template: str | None = None,
         add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        tools: list[dict] | None = None,
         chat_template_kwargs: dict | None = None,
-        use_tqdm: bool = False,
     ) -> list[RequestOutput]:
-        """Apply the tokenizer's chat template to each conversation, then generate."""
+        """Apply the chat template (the tokenizer's, or `chat_template`) to each conversation,
+        then generate. `continue_final_message`: the last (assistant) message is continued
+        rather than closed; `tools`: tool definitions the template renders."""
+        if add_generation_prompt and continue_final_message:
+            raise ValueError(
+                "continue_final_message=True continues the last message: it needs "
+                "add_generation_prompt=False"
+            )
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        options = {
+            "chat_template": chat_template,
+            "continue_final_message": continue_final_message,
+            "tools": tools,
+            **(chat_template_kwargs or {}),
+        }
         prompts = [
-            self.processor.chat_prompt(c, add_generation_prompt, **(chat_template_kwargs or {}))
-            for c in conversations
+            self.processor.chat_prompt(c, add_generation_prompt, **options) for c in conversations
         ]
-        return self.generate(prompts, sampling_params)
+        return self.generate(prompts, sampling_params, use_tqdm, lora_request)
+
+    def beam_search(
+        self,
+        prompts: Sequence[PromptType],
+        params: BeamSearchParams,
+        lora_request: Any = None,
+        use_tqdm: bool | Callable[..., Any] = False,
+        concurrency_limit: int | None = None,
+    ) -> list[BeamSearchOutput]:
+        """vLLM's beam search on the engine's logprobs (`frontend/beam_search.py`); prompts are
+        strings or `TextPrompt`/`TokensPrompt` dicts. `concurrency_limit`: prompts searched
+        at once (all by default)."""
+        _no_lora(lora_request)
+        if isinstance(prompts, str | dict):
+            prompts = [prompts]
+        ids = [self.processor.prompt_token_ids(p) for p in prompts]
+        limit = concurrency_limit or max(1, len(ids))
+        config = self.model_config
+        results: list[BeamSearchOutput] = []
+        with progress_bar(
+            use_tqdm, params.max_tokens * -(-len(ids) // limit), "Beam search"
+        ) as bar:
+            for start in range(0, len(ids), limit):
+                results += beam_search(
+                    lambda batch, sp: self.generate(batch, sp, use_tqdm=False),
+                    ids[start : start + limit],
+                    params,
+                    set(config.eos_token_ids),
+                    config.max_model_len,
+                    self.tokenizer,
+                    on_step=lambda: bar.update(1),
+                )
+        return results
+
+    @functools.cached_property
+    def llm_engine(self) -> LLMEngine:
+        """vLLM's `llm.llm_engine`: the step API over this LLM's engine (no second engine)."""
+        return LLMEngine(self)
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """The model's recommended sampling defaults (its generation_config.json; see the
+        `generation_config` option), else `SamplingParams()`."""
+        return SamplingParams.from_optional(**self.model_config.get_diff_sampling_param())
+
+    def collective_rpc(
+        self,
+        method: str,
+        timeout: float | None = None,
+        args: tuple = (),
+        kwargs: dict | None = None,
+    ) -> list[Any]:
+        """Call a worker method by name on every rank; one result per rank (protocol/rpc.py
+        lists the methods). Arguments must be msgspec-encodable: no pickle crosses a socket."""
+        check_blocking_call("LLM.collective_rpc", self.client.io_thread)
+        return self._collective_rpc(method, args, kwargs).result(timeout)
+
+    def start_profile(self) -> None:
+        """Start the torch profiler in every worker; traces go to $ZLLM_TORCH_PROFILER_DIR."""
+        self.collective_rpc("start_profile")
+
+    def stop_profile(self) -> None:
+        """Stop it; each rank writes its Chrome trace into $ZLLM_TORCH_PROFILER_DIR."""
+        for path in self.collective_rpc("stop_profile"):
+            logger.info("profiler trace written to %s", path)
+
+    def get_metrics(self) -> list[Metric]:
+        """The engine's counters and gauges under vLLM's names (`zllm.v1.metrics.reader`)."""
+        return metrics_from_stats(self.get_stats(), self.model_config.model)
 
     def _utility(self, method: str, *args: Any) -> Any:
-        _refuse_inside_running_loop(f"LLM.{method}")
+        check_blocking_call(f"LLM.{method}", self.client.io_thread)
         return self._call(method, *args).result()
 
     # ---- health and introspection (vLLM's names) ---------------------------------------------
@@ -102,6 +217,9 @@ class LLM(EngineFrontend):
 
     def get_model_config(self) -> ModelConfig:
         return self.model_config
+
+    def get_vllm_config(self) -> VllmConfig:
+        return self._vllm_config()
 
     def get_parallel_config(self) -> ParallelConfig:
         return self._parallel_config()
@@ -151,13 +269,6 @@ def _is_token_list(prompts: object) -> bool:
     return isinstance(prompts[0], numbers.Number)
 
 
-def _refuse_inside_running_loop(what: str) -> None:
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return
-    raise RuntimeError(
-        f"{what} blocks until generation finishes, so it cannot run inside a running event loop "
-        "on the same thread; use AsyncLLM there, or call it from another thread "
-        "(e.g. `await asyncio.to_thread(llm.generate, ...)`)"
-    )
+def _no_lora(lora_request: Any) -> None:
+    if lora_request is not None:
+        raise NotImplementedError("lora_request is not supported by zllm (no LoRA adapters)")

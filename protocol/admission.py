@@ -126,6 +126,8 @@ def request_error(add: AddRequest, limits: AdmissionLimits) -> str | None:
     for name, tokens in (
         ("stop_token_ids", params.stop_token_ids or []),
         ("logit_bias", list(params.logit_bias or {})),
+        ("allowed_token_ids", params.allowed_token_ids or []),
+        ("bad_words", [t for words in params._bad_words_token_ids or [] for t in words]),
     ):
         bad = next((t for t in tokens if t >= vocab), None)
         if bad is not None:

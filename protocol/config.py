@@ -9,8 +9,11 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import msgspec
+
+from zllm.protocol.vllm_options import check_vllm_options
 
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
 
@@ -45,7 +48,33 @@ class EngineArgs(msgspec.Struct, kw_only=True):
     max_queued_requests: int | None = None  # waiting requests beyond this are refused (overload)
     step_timeout: float = 300.0  # seconds a step may take before the workers count as stuck
 
+    # ---- vLLM's options that appear in its examples (docs/vllm-compat.md). Each works or is
+    # refused here, naming itself: `check_vllm_options` in protocol/vllm_options.py.
+    revision: str | None = None  # hub ids: branch, tag or commit
+    tokenizer_revision: str | None = None
+    download_dir: str | None = None  # hub ids: the Hugging Face cache to use
+    hf_token: str | bool | None = None  # hub ids: token, or True for the stored login
+    tokenizer_mode: str = "auto"  # "auto" | "hf" (fast tokenizer when there is one)
+    generation_config: str = "auto"  # "auto": the model's | "vllm": none | a folder
+    override_generation_config: dict[str, Any] | None = None
+    task: str = "auto"  # "auto" | "generate"
+    runner: str = "auto"  # "auto" | "generate"
+    swap_space: float = 4  # GiB; preemption recomputes, so no swap is ever used
+    enable_sleep_mode: bool = False  # sleep mode is always available in zllm
+    quantization: str | None = None  # unquantized checkpoints only
+    kv_cache_dtype: str = "auto"  # the model's dtype only
+    compilation_config: int | dict[str, Any] | None = None  # eager only: None, 0 or {}
+    pipeline_parallel_size: int = 1
+    data_parallel_size: int = 1
+    cpu_offload_gb: float = 0
+    enable_lora: bool = False
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None
+    speculative_config: dict[str, Any] | None = None
+
     def __post_init__(self) -> None:
+        check_vllm_options(self)
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if self.max_num_seqs < 1:
@@ -73,6 +102,21 @@ class EngineArgs(msgspec.Struct, kw_only=True):
             raise ValueError(
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
             )
+
+    @classmethod
+    def add_cli_args(cls, parser: Any) -> Any:
+        """vLLM's `EngineArgs.add_cli_args`: one `--kebab-case` option per field; returns `parser`."""
+        from zllm.frontend.cli import add_engine_args
+
+        add_engine_args(parser)
+        return parser
+
+    @classmethod
+    def from_cli_args(cls, args: Any) -> EngineArgs:
+        """The options given on the command line (`argparse.Namespace`), as this class."""
+        from zllm.frontend.cli import engine_args_from
+
+        return engine_args_from(args, cls)
 
     def resolved_device(self) -> str:
         if self.device != "auto":

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import enum
 import numbers
+import typing
+from typing import Any
 
 import msgspec
 
@@ -49,10 +51,18 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True, dict=Fals
     include_stop_str_in_output: bool = False
     logit_bias: dict[int, float] | None = None
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    # ---- vLLM's later fields (docs/vllm-compat.md)
+    truncate_prompt_tokens: int | None = None  # keep the prompt's last k tokens (-1: max_model_len)
+    bad_words: list[str] | None = None  # never generated, as whole token sequences
+    allowed_token_ids: list[int] | None = None  # sample among these only
+    extra_args: dict[str, Any] | None = None  # for sampling plugins, which zllm does not have
+    _bad_words_token_ids: list[list[int]] | None = None  # set by the frontend from bad_words
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        if isinstance(self.bad_words, str):
+            self.bad_words = [self.bad_words]
         if self.seed == -1:
             self.seed = None
         if self.logit_bias is not None:
@@ -113,6 +123,24 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True, dict=Fals
                     raise bad("logit_bias", "keys must be non-negative token ids", token)
                 if not -100.0 <= value <= 100.0:
                     raise bad("logit_bias", "values must be in [-100, 100]", value)
+        self._verify_later_fields(bad)
+
+    def _verify_later_fields(self, bad) -> None:
+        k = self.truncate_prompt_tokens
+        if k is not None and (not _is_int(k) or (k < 1 and k != -1)):
+            raise bad("truncate_prompt_tokens", "must be None, -1 (max_model_len) or >= 1", k)
+        if self.bad_words is not None and any(
+            not isinstance(w, str) or not w.strip() for w in self.bad_words
+        ):
+            raise bad("bad_words", "must be non-empty strings", self.bad_words)
+        allowed = self.allowed_token_ids
+        if allowed is not None and (not allowed or any(not _is_int(t) or t < 0 for t in allowed)):
+            raise bad("allowed_token_ids", "must be a non-empty list of token ids", allowed)
+        if self.extra_args:
+            raise NotImplementedError(
+                f"SamplingParams.extra_args={self.extra_args!r} is not supported by zllm: they are "
+                "read by custom sampling plugins, which zllm does not have"
+            )
 
     @property
     def greedy(self) -> bool:
@@ -120,6 +148,20 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True, dict=Fals
 
     def clone(self, **changes: object) -> SamplingParams:
         return msgspec.structs.replace(self, **changes)
+
+    @classmethod
+    def from_optional(cls, **kwargs: Any) -> SamplingParams:
+        """vLLM's constructor for values that may be None (an OpenAI request's): None means the
+        default for a field that cannot be None; `logit_bias` values are clamped to [-100, 100]."""
+        nullable = {
+            f.name for f in msgspec.structs.fields(cls) if type(None) in typing.get_args(f.type)
+        }
+        kwargs = {k: v for k, v in kwargs.items() if v is not None or k in nullable}
+        if kwargs.get("logit_bias") is not None:
+            kwargs["logit_bias"] = {
+                int(t): min(100.0, max(-100.0, float(b))) for t, b in kwargs["logit_bias"].items()
+            }
+        return cls(**kwargs)
 
 
 def _is_int(value: object) -> bool:

@@ -45,6 +45,7 @@ class WorkerCall(msgspec.Struct, **_STRUCT):
     call_id: int
     method: str
     args: list[Any] = []
+    kwargs: dict[str, Any] = {}
 
 
 CoreToWorker = Union[ExecuteModel, WorkerCall]

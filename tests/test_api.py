@@ -223,6 +223,8 @@ def _option_argv(field: msgspec.structs.FieldInfo) -> list[str]:
     if field.type is bool:
         return [flag]
     text = str(field.type)
+    if "dict" in text:
+        return [flag, "{}"]
     return [flag, "1" if "int" in text else "0.5" if "float" in text else "x"]
 
 
@@ -262,3 +264,69 @@ def test_cli_options_become_engine_args() -> None:
     assert engine_args_from(parser.parse_args(["generate", "hi"])) == EngineArgs()
     with pytest.raises(ValueError):  # EngineArgs' own validation applies
         engine_args_from(parser.parse_args(["chat", "--block-size", "3"]))
+
+
+@pytest.mark.parametrize("command", [["generate", "hi"], ["chat"]])
+def test_cli_has_an_option_for_every_sampling_param(command: list[str]) -> None:
+    parser = build_parser()
+    for field in msgspec.structs.fields(SamplingParams):
+        if field.name in ("seed", "output_kind") or field.name.startswith("_"):
+            continue  # --seed is the engine's; the command picks the output kind
+        ns = parser.parse_args(command + _option_argv(field))
+        assert hasattr(ns, field.name), field.name
+
+
+def test_cli_sampling_options_become_sampling_params() -> None:
+    from zllm.frontend.cli import _sampling_params
+
+    parser = build_parser()
+    argv = ["generate", "hi", "--top-k", "5", "--min-p", "0.1", "--temperature", "0.7"]
+    argv += ["--stop", "END", "--stop", "STOP", "--stop-token-ids", "[7, 8]", "--seed", "3"]
+    argv += ["--logit-bias", '{"5": 2.5}', "--no-skip-special-tokens", "--bad-words", "x"]
+    params = _sampling_params(parser.parse_args(argv))
+    assert params == SamplingParams(
+        max_tokens=256,  # the command line's default
+        top_k=5,
+        min_p=0.1,
+        temperature=0.7,
+        stop=["END", "STOP"],
+        stop_token_ids=[7, 8],
+        seed=3,
+        logit_bias={5: 2.5},
+        skip_special_tokens=False,
+        bad_words=["x"],
+        output_kind=RequestOutputKind.DELTA,
+    )
+    several = _sampling_params(parser.parse_args(["generate", "hi", "--n", "2"]))
+    assert several.temperature == 0.0 and several.output_kind == RequestOutputKind.FINAL_ONLY
+
+
+def test_cli_version(capsys) -> None:
+    import zllm
+
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"zllm {zllm.__version__}"
+
+
+def test_engine_args_cli_as_vllm_examples_use_it() -> None:
+    """`EngineArgs.add_cli_args` on a parser or on an argument group (vLLM's examples do both),
+    underscores or dashes (`FlexibleArgumentParser`), `from_cli_args` on either class."""
+    from zllm.utils import FlexibleArgumentParser
+
+    parser = FlexibleArgumentParser()
+    group = parser.add_argument_group("Engine arguments")
+    assert EngineArgs.add_cli_args(group) is group
+    group.set_defaults(model="HuggingFaceTB/SmolLM2-135M-Instruct")
+    parser.add_argument("--max-tokens", type=int)
+    ns = parser.parse_args(["--max_model_len=512", "--max-num-seqs", "4", "--max_tokens", "9"])
+    assert vars(ns) == {
+        "model": "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "max_model_len": 512,
+        "max_num_seqs": 4,
+        "max_tokens": 9,
+    }
+    args = AsyncEngineArgs.from_cli_args(ns)
+    assert type(args) is AsyncEngineArgs and (args.max_model_len, args.max_num_seqs) == (512, 4)
+    assert type(EngineArgs.from_cli_args(ns)) is EngineArgs

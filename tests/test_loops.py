@@ -56,11 +56,12 @@ def test_uvloop_and_default_loop(runs):
 
 
 @pytest.mark.timeout(TIMEOUT_S + 30)
-def test_llm_from_plain_code_and_threads_and_refused_inside_a_loop(runs):
-    """Also: the LLM is built in a thread that exits before it is used."""
+def test_llm_from_plain_code_threads_and_inside_a_loop(runs):
+    """Also: the LLM is built in a thread that exits before it is used. Inside a running loop
+    (a notebook) it works, blocking that loop, and warns once."""
     result = runs["llm_threads"].result(TIMEOUT_S)
-    assert "cannot run inside a running event loop" in result["error"]
-    assert result["refused_in_s"] < 0.1  # at once, not after blocking the loop
+    [warning] = result["warnings"]
+    assert "blocks this thread's running event loop" in warning
     assert result["ticks"] > 0  # the other thread's loop kept running meanwhile
 
 

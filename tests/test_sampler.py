@@ -159,3 +159,20 @@ def test_seeded_row_ignores_the_rest_of_the_batch() -> None:
     assert run(9, 4) == alone
     assert run(16, 15) == alone
     assert len(set(alone)) > 3  # it is really sampling
+
+
+def test_allowed_token_ids_and_bad_words() -> None:
+    """Only allowed tokens are drawn; a bad word's last token is banned right after its other
+    tokens were generated, a one-token bad word always."""
+    params = SamplingParams(
+        allowed_token_ids=[1, 4, 6, 9], _bad_words_token_ids=[[3, 4], [9], [8, 6]]
+    )
+    expected = _keep(_softmax(LOGITS), [t in (1, 6) for t in range(V)])  # 4 after 3; never 9
+    _assert_matches(_draw(params, output=[2, 3]), expected)
+    # a mixed greedy batch: the limited row gets its best allowed token, the other its argmax
+    sampler = Sampler(V, torch.device("cpu"))
+    rows = [
+        _row(SamplingParams(temperature=0, allowed_token_ids=[5, 7])),
+        _row(SamplingParams(temperature=0)),
+    ]
+    assert sampler(torch.tensor([LOGITS] * 2), rows).token_ids.tolist() == [5, 0]

@@ -62,7 +62,7 @@ def run_worker(
                     sock.send(encode(WorkerReply(rank=rank, call_id=message.call_id)))
                     return
                 try:
-                    result = worker.call(message.method, message.args)
+                    result = worker.call(message.method, message.args, message.kwargs)
                     reply = WorkerReply(rank=rank, call_id=message.call_id, result=result)
                 except Exception as e:  # a failed call is an answer, not a crash
                     reply = WorkerReply(

@@ -72,7 +72,9 @@ class Sampler:
     # ---- before temperature (greedy rows see these too) -----------------------------------------
 
     def _apply_masks(self, logits: torch.Tensor, rows: list[SamplingRequest]) -> torch.Tensor:
-        """Logit bias, then -inf on stop tokens while a request is below `min_tokens`."""
+        """`allowed_token_ids`, logit bias, then -inf on stop tokens while a request is below
+        `min_tokens` and on the last token of each bad word whose other tokens were just generated."""
+        logits = self._allowed_only(logits, rows)
         banned_rows: list[int] = []
         banned_cols: list[int] = []
         bias_rows: list[int] = []
@@ -80,6 +82,10 @@ class Sampler:
         bias_vals: list[float] = []
         for i, r in enumerate(rows):
             p = r.params
+            for t in _bad_word_endings(p._bad_words_token_ids, r.output_token_ids):
+                if t < self.vocab_size:
+                    banned_rows.append(i)
+                    banned_cols.append(t)
             if len(r.output_token_ids) < p.min_tokens:
                 stop_ids = set(p.stop_token_ids or [])
                 if not p.ignore_eos:
@@ -107,6 +113,25 @@ class Sampler:
             banned = torch.full((len(banned_rows),), float("-inf"), device=self.device)
             logits = logits.index_put(index, banned)
         return logits
+
+    def _allowed_only(self, logits: torch.Tensor, rows: list[SamplingRequest]) -> torch.Tensor:
+        """-inf everywhere but `allowed_token_ids`, in the rows that set it."""
+        limited = [i for i, r in enumerate(rows) if r.params.allowed_token_ids]
+        if not limited:
+            return logits
+        keep_rows: list[int] = []
+        keep_cols: list[int] = []
+        for j, i in enumerate(limited):
+            for t in rows[i].params.allowed_token_ids:
+                if t < self.vocab_size:
+                    keep_rows.append(j)
+                    keep_cols.append(t)
+        index = self.to_device(limited, torch.long)
+        masked = torch.ones(len(limited), logits.shape[1], dtype=torch.bool, device=self.device)
+        keep = (self.to_device(keep_rows, torch.long), self.to_device(keep_cols, torch.long))
+        masked.index_put_(keep, torch.zeros((), dtype=torch.bool, device=self.device))
+        sub = logits.index_select(0, index).masked_fill(masked, float("-inf"))
+        return logits.index_copy(0, index, sub)
 
     def _apply_penalties(self, logits: torch.Tensor, rows: list[SamplingRequest]) -> torch.Tensor:
         """Repetition over prompt + output tokens; frequency and presence over output tokens."""
@@ -188,6 +213,17 @@ class Sampler:
             q[i].exponential_(generator=generator)
         # exponential_ may return exactly 0; keep p / q finite for zero-probability tokens.
         return (probs / q.clamp_(min=torch.finfo(q.dtype).tiny)).argmax(dim=-1)
+
+
+def _bad_word_endings(bad_words: list[list[int]] | None, output: list[int]) -> list[int]:
+    """The last token of every bad word whose earlier tokens end the output so far (vLLM
+    matches against generated tokens only)."""
+    endings = []
+    for word in bad_words or ():
+        prefix = word[:-1]
+        if not prefix or (len(prefix) <= len(output) and output[-len(prefix) :] == prefix):
+            endings.append(word[-1])
+    return endings
 
 
 def gather_logprobs(

@@ -17,6 +17,7 @@ from zllm.protocol.config import EngineArgs, ModelConfig
 from zllm.protocol.worker_messages import ExecuteModel, ModelOutput, ScheduledChunk
 from zllm.worker.loader import load_model
 from zllm.worker.model_runner import ModelRunner
+from zllm.worker.profiler import WorkerProfiler
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +27,17 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 
 class Worker:
-    CALLABLE = frozenset({"init_kv_cache", "sleep", "wake_up", "ping"})
+    CALLABLE = frozenset(
+        {
+            "init_kv_cache",
+            "sleep",
+            "wake_up",
+            "ping",
+            "device_info",
+            "start_profile",
+            "stop_profile",
+        }
+    )
 
     def __init__(
         self,
@@ -67,6 +78,7 @@ class Worker:
         self.weights_where = "device"  # "device" | "host" (level-1 sleep) | "dropped" (level 2)
         self.host_weights: dict[str, torch.Tensor] | None = None
         self.kv_asleep = False
+        self.profiler = WorkerProfiler(rank, self.device)
 
     # ---- KV cache sizing -------------------------------------------------------------------------
 
@@ -120,6 +132,23 @@ class Worker:
 
     def ping(self) -> int:
         return os.getpid()
+
+    def device_info(self) -> dict:
+        """Where this rank runs (for `collective_rpc("device_info")`)."""
+        return {
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "pid": os.getpid(),
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "num_kv_blocks": self.num_kv_blocks,
+        }
+
+    def start_profile(self) -> None:
+        self.profiler.start()
+
+    def stop_profile(self) -> str:
+        return self.profiler.stop()
 
     # ---- sleep mode ------------------------------------------------------------------------------
 
@@ -186,10 +215,10 @@ class Worker:
                 found.append((name, module, attr, tensor))
         return found
 
-    def call(self, method: str, args: list) -> object:
+    def call(self, method: str, args: list, kwargs: dict | None = None) -> object:
         if method not in self.CALLABLE:
             raise ValueError(f"worker has no callable method {method!r}")
-        return getattr(self, method)(*args)
+        return getattr(self, method)(*args, **(kwargs or {}))
 
     def shutdown(self) -> None:
         if dist.is_initialized():

@@ -1,0 +1,1 @@
+"""`vllm.engine` -> `zllm.engine` (docs/vllm-compat.md)."""

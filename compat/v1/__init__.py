@@ -1,0 +1,1 @@
+"""`vllm.v1` -> `zllm.v1` (docs/vllm-compat.md)."""

@@ -1,0 +1,1 @@
+"""`vllm.v1.metrics` -> `zllm.v1.metrics` (docs/vllm-compat.md)."""
