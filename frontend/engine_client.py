@@ -40,6 +40,7 @@ from zmq.utils.monitor import recv_monitor_message
 from zllm.frontend.errors import EngineDeadError, EngineStartupError
 from zllm.frontend.output_processor import finish_aborted
 from zllm.frontend.parallel_sampling import fan_out
+from zllm.frontend.pooling_state import PoolingRequestState
 from zllm.frontend.stream import ConsumerGone, RequestStream
 from zllm.protocol.config import EngineArgs
 from zllm.protocol.messages import (
@@ -59,6 +60,7 @@ from zllm.protocol.messages import (
     decode_core_message,
     encode,
 )
+from zllm.protocol.pooling_params import PoolingParams
 from zllm.protocol.process import (
     core_addresses,
     describe_exit,
@@ -211,10 +213,13 @@ class EngineClient:
         request_id: str,
         prompt: str | None,
         prompt_token_ids: list[int],
-        params: SamplingParams,
+        params: SamplingParams | PoolingParams,
     ) -> RequestStream:
         """Start a request (n > 1: its n children); its outputs or its error arrive in the stream."""
-        _, children = fan_out(request_id, prompt, prompt_token_ids, params, self.tokenizer)
+        if isinstance(params, PoolingParams):
+            children = [(request_id, params, PoolingRequestState(request_id, prompt_token_ids))]
+        else:
+            _, children = fan_out(request_id, prompt, prompt_token_ids, params, self.tokenizer)
         stream = RequestStream()
         suffix = uuid.uuid4().hex[:8]
         lives = [_Live(request_id, f"{cid}-{suffix}", state, stream) for cid, _, state in children]
@@ -232,7 +237,8 @@ class EngineClient:
                 AddRequest(
                     request_id=live.engine_id,
                     prompt_token_ids=prompt_token_ids,
-                    sampling_params=child_params,
+                    sampling_params=child_params if isinstance(params, SamplingParams) else None,
+                    pooling_params=child_params if isinstance(params, PoolingParams) else None,
                     arrival_time=state.metrics.arrival_time,
                 )
             )

@@ -15,10 +15,14 @@ from zllm.frontend.default_model import resolve_model
 from zllm.frontend.engine_client import EngineClient
 from zllm.frontend.errors import EngineDeadError
 from zllm.frontend.input_processor import InputProcessor, PromptType
+from zllm.frontend.pooling_inputs import PoolingInputs
 from zllm.frontend.stream import RequestStream
 from zllm.protocol.config import EngineArgs, ModelConfig
 from zllm.protocol.messages import Ready
+from zllm.protocol.pooling_params import PoolingParams
 from zllm.protocol.sampling_params import SamplingParams
+
+Prepared = tuple[str, str | None, list[int], SamplingParams | PoolingParams]
 
 logger = logging.getLogger("zllm")
 
@@ -28,11 +32,14 @@ class EngineFrontend:
         self._client: EngineClient | None = None
         if engine_args.engine_core_address is None:
             engine_args = msgspec.structs.replace(
-                engine_args, model=resolve_model(engine_args.model)
+                engine_args, model=resolve_model(engine_args.model, engine_args.resolved_runner())
             )
             # Fail here, naming the path, before a process is spawned for nothing.
             ModelConfig.from_path(
-                engine_args.model, engine_args.tokenizer, engine_args.max_model_len
+                engine_args.model,
+                engine_args.tokenizer,
+                engine_args.max_model_len,
+                engine_args.resolved_runner(),
             )
         self.engine_args = engine_args
         # The core starts (imports torch, loads weights) while we load the tokenizer.
@@ -50,6 +57,7 @@ class EngineFrontend:
         client.tokenizer = self.tokenizer = tokenizer
         self.model_config: ModelConfig = ready.model_config
         self.processor = InputProcessor(self.tokenizer, ready)
+        self.pooling_inputs = PoolingInputs(self.processor, ready)
         self._ids = itertools.count()
 
     # ---- requests ----------------------------------------------------------------------------
@@ -61,20 +69,45 @@ class EngineFrontend:
 
     def _prepare(
         self, prompt: PromptType, params: SamplingParams | None, request_id: str | None
-    ) -> tuple[str, str | None, list[int], SamplingParams]:
+    ) -> Prepared:
         """Tokenize and check one request (raises `ValueError`); nothing is sent yet."""
+        if "generate" not in self.model_config.supported_tasks:
+            raise ValueError(
+                f"generate() needs a generative model; this engine runs "
+                f"{self.model_config.architecture} for pooling only (use encode() or embed())"
+            )
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
         text, ids = self.processor.tokenize(prompt)
         self.processor.check(ids, params)
-        if request_id is None:
-            request_id = f"{uuid.uuid4().hex[:12]}-{next(self._ids)}"
-        return request_id, text, ids, params
+        return request_id or self._new_request_id(), text, ids, params
 
-    def _submit(
-        self, prepared: tuple[str, str | None, list[int], SamplingParams]
-    ) -> tuple[str, RequestStream]:
+    def _prepare_pooling(
+        self,
+        prompt: PromptType,
+        params: PoolingParams | None,
+        request_id: str | None,
+        truncate_prompt_tokens: int | None = None,
+    ) -> Prepared:
+        """`_prepare` for `encode()` / `embed()`; `truncate_prompt_tokens` is vLLM's keyword
+        form of `PoolingParams.truncate_prompt_tokens`."""
+        params = params or PoolingParams()
+        if truncate_prompt_tokens is not None and isinstance(params, PoolingParams):
+            given = params.truncate_prompt_tokens
+            if given is not None and given != truncate_prompt_tokens:
+                raise ValueError(
+                    f"truncate_prompt_tokens={truncate_prompt_tokens} contradicts "
+                    f"PoolingParams.truncate_prompt_tokens={given}"
+                )
+            params = params.clone(truncate_prompt_tokens=truncate_prompt_tokens)
+        text, ids, params = self.pooling_inputs.prepare(prompt, params)
+        return request_id or self._new_request_id(), text, ids, params
+
+    def _new_request_id(self) -> str:
+        return f"{uuid.uuid4().hex[:12]}-{next(self._ids)}"
+
+    def _submit(self, prepared: Prepared) -> tuple[str, RequestStream]:
         request_id, text, ids, params = prepared
         return request_id, self.client.add_request(request_id, text, ids, params)
 

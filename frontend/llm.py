@@ -7,13 +7,16 @@ from collections.abc import Sequence
 from typing import Any
 
 import msgspec
+from tqdm import tqdm
 
 from zllm.frontend.engine_configs import DecodingConfig, ParallelConfig, SchedulerConfig
-from zllm.frontend.engine_frontend import EngineFrontend, check_sleep_args
+from zllm.frontend.engine_frontend import EngineFrontend, Prepared, check_sleep_args
 from zllm.frontend.input_processor import PromptType
 from zllm.frontend.outputs import RequestOutput
+from zllm.frontend.pooling_outputs import EmbeddingRequestOutput, PoolingRequestOutput
 from zllm.protocol.config import EngineArgs, ModelConfig
 from zllm.protocol.messages import SchedulerStats
+from zllm.protocol.pooling_params import PoolingParams
 from zllm.protocol.sampling_params import RequestOutputKind, SamplingParams
 
 
@@ -37,28 +40,78 @@ class LLM(EngineFrontend):
         other threads run their own loops or generate at the same time.
         """
         _refuse_inside_running_loop("LLM.generate")
-        if isinstance(prompts, str | dict) or (
-            isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
-        ):
-            prompts = [prompts]
-        prompts = list(prompts)
-        if sampling_params is None or isinstance(sampling_params, SamplingParams):
-            params_list = [sampling_params or SamplingParams()] * len(prompts)
-        else:
-            params_list = list(sampling_params)
-            if len(params_list) != len(prompts):
-                raise ValueError(f"{len(prompts)} prompts but {len(params_list)} sampling params")
-        params_list = [p.clone(output_kind=RequestOutputKind.FINAL_ONLY) for p in params_list]
-        # Every prompt is checked before any is sent: a bad one costs the others nothing, and
-        # the whole batch reaches the engine together.
-        prepared = [self._prepare(p, sp, None) for p, sp in zip(prompts, params_list)]
+        prompts = _prompt_list(prompts)
+        params_list = _params_list(sampling_params, SamplingParams, len(prompts))
+        params_list = [
+            (p or SamplingParams()).clone(output_kind=RequestOutputKind.FINAL_ONLY)
+            for p in params_list
+        ]
+        return self._run_batch(
+            [self._prepare(p, sp, None) for p, sp in zip(prompts, params_list)], use_tqdm
+        )
+
+    def encode(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
+        *,
+        truncate_prompt_tokens: int | None = None,
+        use_tqdm: bool = False,
+        pooling_task: str | None = None,
+    ) -> list[PoolingRequestOutput]:
+        """Pool every prompt into one vector (`outputs.data`); outputs in input order.
+
+        The engine runs the model's pooling (sentence-transformers config, or CLS for an
+        encoder and the last token for a decoder), then `dimensions` and `normalize`.
+        Blocks like `generate`.
+        """
+        _refuse_inside_running_loop("LLM.encode")
+        if pooling_task not in (None, "embed"):
+            raise ValueError(
+                f"pooling_task={pooling_task!r} is not supported; zllm pools each prompt into "
+                "one vector ('embed')"
+            )
+        prompts = _prompt_list(prompts)
+        params_list = _params_list(pooling_params, PoolingParams, len(prompts))
+        return self._run_batch(
+            [
+                self._prepare_pooling(p, pp, None, truncate_prompt_tokens)
+                for p, pp in zip(prompts, params_list)
+            ],
+            use_tqdm,
+        )
+
+    def embed(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        *,
+        truncate_prompt_tokens: int | None = None,
+        use_tqdm: bool = False,
+        pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
+    ) -> list[EmbeddingRequestOutput]:
+        """One embedding per prompt (`outputs.embedding`, a list of floats), in input order."""
+        outputs = self.encode(
+            prompts,
+            pooling_params,
+            truncate_prompt_tokens=truncate_prompt_tokens,
+            use_tqdm=use_tqdm,
+            pooling_task="embed",
+        )
+        return [EmbeddingRequestOutput.from_base(o) for o in outputs]
+
+    def _run_batch(self, prepared: list[Prepared], use_tqdm: bool) -> list[Any]:
+        """Send checked requests together; return their final outputs in order.
+
+        Every prompt was checked before any is sent: a bad one costs the others nothing, and
+        the whole batch reaches the engine together.
+        """
         streams = []
         try:
             with self.client.holding():
                 for request in prepared:
                     streams.append(self._submit(request))
             results = []
-            for _, stream in streams:
+            for _, stream in tqdm(streams, desc="Processed prompts", disable=not use_tqdm):
                 item = stream.get_blocking()
                 if isinstance(item, BaseException):
                     raise item
@@ -134,6 +187,26 @@ class LLM(EngineFrontend):
 
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
+
+
+def _prompt_list(prompts: PromptType | Sequence[PromptType]) -> list[PromptType]:
+    if isinstance(prompts, str | dict) or (
+        isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
+    ):
+        return [prompts]
+    return list(prompts)
+
+
+def _params_list(params: Any, kind: type, n: int) -> list[Any]:
+    """One params object (or None) per prompt, from one for all or a list of n."""
+    if params is None or isinstance(params, kind):
+        return [params] * n
+    if not isinstance(params, Sequence):
+        raise TypeError(f"expected {kind.__name__} or a list of them, got {type(params).__name__}")
+    params = list(params)
+    if len(params) != n:
+        raise ValueError(f"{n} prompts but {len(params)} {kind.__name__} objects")
+    return params
 
 
 def _refuse_inside_running_loop(what: str) -> None:
