@@ -74,6 +74,7 @@ class EngineCore:
             )
         if error is not None:
             return RequestUpdate.refused(message.request_id, error, kind)
+        pooler = self.model_config.pooler_config
         self.scheduler.add(
             Request(
                 key=key,
@@ -83,6 +84,9 @@ class EngineCore:
                 sampling_params=message.sampling_params,
                 eos_token_ids=self.model_config.eos_token_ids,
                 max_model_len=self.model_config.max_model_len,
+                pooling_params=message.pooling_params,
+                is_causal=self.model_config.is_causal,
+                pools_last_token_only=pooler is None or pooler.pooling_type == "LAST",
             )
         )
         return None
@@ -129,6 +133,10 @@ class EngineCore:
         for request in step.requests:
             token = sampled.get(request.key)
             prompt_logprobs = output.prompt_logprobs.get(request.key)
+            pooled = output.pooled.get(request.key)
+            if pooled is not None:
+                updates.append((request.client, self._pooled_update(request, pooled)))
+                continue
             if token is None and prompt_logprobs is None:
                 continue
             update = RequestUpdate(
@@ -142,6 +150,16 @@ class EngineCore:
             )
             updates.append((request.client, update))
         return updates
+
+    @staticmethod
+    def _pooled_update(request: Request, pooled: bytes) -> RequestUpdate:
+        return RequestUpdate(
+            request_id=request.request_id,
+            new_token_ids=[],
+            finish_reason=request.finish_reason,
+            num_cached_tokens=max(request.num_cached_tokens, 0),
+            pooled=pooled,
+        )
 
     def _to_worker(self, step: ScheduledStep) -> ExecuteModel:
         chunks = []
@@ -161,6 +179,7 @@ class EngineCore:
                 request_id=r.key,
                 prompt_token_ids=r.prompt_token_ids,
                 sampling_params=r.sampling_params,
+                pooling_params=r.pooling_params,
             )
             for r in step.new_requests
         ]

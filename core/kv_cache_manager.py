@@ -81,9 +81,10 @@ class KVCacheManager:
         """Leading cached blocks for a request about to be admitted, and how many tokens they hold.
 
         At least one token is always left to compute, so the model produces logits. A request
-        that wants prompt logprobs reads nothing from the cache (it needs every position).
+        that needs the hidden state of every position (prompt logprobs, mean pooling) or whose
+        attention is bidirectional (an encoder) reads nothing from the cache.
         """
-        if not self.enable_prefix_caching or request.sampling_params.prompt_logprobs is not None:
+        if not self.enable_prefix_caching or not request.reads_prefix_cache:
             return [], 0
         hashes = self._hashes(request)
         max_blocks = (request.num_tokens - 1) // self.block_size
@@ -96,8 +97,9 @@ class KVCacheManager:
         return hits, len(hits) * self.block_size
 
     def record_lookup(self, request: Request, num_cached_tokens: int) -> None:
-        """Count one admission's prefix-cache lookup (tokens asked for, tokens found)."""
-        if self.enable_prefix_caching:
+        """Count one admission's prefix-cache lookup (tokens asked for, tokens found); the
+        cache does not apply to bidirectional attention, so those requests count nothing."""
+        if self.enable_prefix_caching and request.writes_prefix_cache:
             self.prefix_queries += request.num_tokens
             self.prefix_hits += num_cached_tokens
 
@@ -123,7 +125,7 @@ class KVCacheManager:
             owned.append(block_id)
         for _ in range(max(num_new_blocks, 0)):
             owned.append(self._take_free_block())
-        if self.enable_prefix_caching:
+        if self.enable_prefix_caching and request.writes_prefix_cache:
             self._cache_full_blocks(request, num_computed + num_new_tokens)
         return True
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 
+from zllm.protocol.pooling_params import PoolingParams
 from zllm.protocol.sampling_params import SamplingParams
 
 
@@ -15,7 +16,11 @@ class RequestStatus(enum.Enum):
 
 
 class Request:
-    """One sequence. `key` is unique across clients: (client identity, client's request id)."""
+    """One sequence. `key` is unique across clients: (client identity, client's request id).
+
+    A pooling request (`pooling_params` set, `sampling_params` None) only runs its prompt and
+    finishes in the step that computes its last prompt token.
+    """
 
     def __init__(
         self,
@@ -23,15 +28,19 @@ class Request:
         client: bytes,
         request_id: str,
         prompt_token_ids: list[int],
-        sampling_params: SamplingParams,
+        sampling_params: SamplingParams | None,
         eos_token_ids: list[int],
         max_model_len: int,
         extra_hash_key: bytes = b"",
+        pooling_params: PoolingParams | None = None,
+        is_causal: bool = True,
+        pools_last_token_only: bool = True,
     ) -> None:
         self.key = key
         self.client = client
         self.request_id = request_id
         self.prompt_token_ids = prompt_token_ids
+        self.pooling_params = pooling_params
         self.sampling_params = sampling_params
         self.token_ids: list[int] = list(prompt_token_ids)  # prompt, then generated tokens
         self.num_prompt_tokens = len(prompt_token_ids)
@@ -43,12 +52,32 @@ class Request:
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         limit = max_model_len - self.num_prompt_tokens
-        self.max_tokens = min(sampling_params.max_tokens or limit, limit)
-        self.stop_ids = set(sampling_params.stop_token_ids or [])
-        if not sampling_params.ignore_eos:
-            self.eos_ids = set(eos_token_ids)
+        self.max_tokens = 0
+        self.stop_ids: set[int] = set()
+        self.eos_ids: set[int] = set()
+        if sampling_params is not None:
+            self.max_tokens = min(sampling_params.max_tokens or limit, limit)
+            self.stop_ids = set(sampling_params.stop_token_ids or [])
+            if not sampling_params.ignore_eos:
+                self.eos_ids = set(eos_token_ids)
+        # Causal attention: a block's KV depends only on the tokens up to it, so it may be
+        # shared (prefix cache) and computed over several steps (chunked prefill). A request
+        # may skip cached positions only if it needs no hidden state there.
+        self.is_causal = is_causal
+        if sampling_params is None:
+            needs_all_positions = not pools_last_token_only
         else:
-            self.eos_ids = set()
+            needs_all_positions = sampling_params.prompt_logprobs is not None
+        self.writes_prefix_cache = is_causal
+        self.reads_prefix_cache = is_causal and not needs_all_positions
+
+    @property
+    def is_pooling(self) -> bool:
+        return self.pooling_params is not None
+
+    @property
+    def prefill_done(self) -> bool:
+        return self.num_computed_tokens >= self.num_prompt_tokens
 
     @property
     def num_tokens(self) -> int:

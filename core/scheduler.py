@@ -3,7 +3,8 @@
 Every request is a list of token ids and a count of those already computed; a step gives
 each scheduled request a chunk of its uncomputed tokens. A decode is a chunk of one, a
 prompt may be split over several steps (chunked prefill), and a preempted request simply
-starts again from zero computed tokens (recompute), keeping what it generated.
+starts again from zero computed tokens (recompute), keeping what it generated. A pooling
+request is a prompt alone, batched like any other; an encoder's prompt is never split.
 Running requests go first (decodes before new prefills), then waiting ones in arrival order.
 """
 
@@ -107,7 +108,8 @@ class Scheduler:
             computed, num_cached = self.kv.get_computed_blocks(request)
             n = request.num_tokens - num_cached
             if n > budget:
-                if not self.enable_chunked_prefill:
+                # Bidirectional attention needs the whole prompt in one step.
+                if not self.enable_chunked_prefill or not request.is_causal:
                     break
                 n = budget
             if not self.kv.allocate_slots(request, n, computed):
@@ -145,12 +147,18 @@ class Scheduler:
         self.num_preemptions += 1
 
     def update(self, step: ScheduledStep, sampled: dict[str, int]) -> list[Request]:
-        """Advance computed counts, append sampled tokens; return the requests that finished."""
+        """Advance computed counts, append sampled tokens; return the requests that finished
+        (a pooling request finishes, and frees its blocks, in the step that ends its prompt)."""
         finished = []
         for request, n in zip(step.requests, step.num_tokens):
             if request.status != RequestStatus.RUNNING:
                 continue
             request.num_computed_tokens += n
+            if request.is_pooling:
+                if request.prefill_done:
+                    request.finish_reason = "stop"
+                    finished.append(request)
+                continue
             token = sampled.get(request.key)
             if token is not None and request.append_token(token):
                 finished.append(request)

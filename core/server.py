@@ -243,7 +243,9 @@ class EngineCoreServer:
         path = args.model
         if path is None:
             raise ValueError("engine-core needs a model path (the frontend resolves model names)")
-        model_config = ModelConfig.from_path(path, args.tokenizer, args.max_model_len)
+        model_config = ModelConfig.from_path(
+            path, args.tokenizer, args.max_model_len, args.resolved_runner()
+        )
         device = args.resolved_device()
         model_config.dtype = args.resolved_dtype(device)
         executor = create_executor(args, model_config)

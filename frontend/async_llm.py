@@ -25,15 +25,18 @@ from zllm.frontend.input_processor import PromptType
 from zllm.frontend.metrics_reader import stats_line
 from zllm.frontend.model_config import ModelConfig
 from zllm.frontend.outputs import RequestOutput
+from zllm.frontend.pooling_outputs import PoolingRequestOutput
+from zllm.frontend.pooling_state import ABORTED
 from zllm.protocol.config import AsyncEngineArgs, EngineArgs
 from zllm.protocol.messages import SchedulerStats
+from zllm.protocol.pooling_params import PoolingParams
 from zllm.protocol.sampling_params import SamplingParams
 
 logger = logging.getLogger("zllm")
 
 
 class AsyncLLM(EngineFrontend):
-    """Streams generations from a multi-process engine."""
+    """Streams generations (and pooled vectors) from a multi-process engine."""
 
     def __init__(self, engine_args: EngineArgs | None = None, **kwargs: Any) -> None:
         super().__init__(engine_args or AsyncEngineArgs(**kwargs))
@@ -73,6 +76,36 @@ class AsyncLLM(EngineFrontend):
                 yield item
                 if item.finished:
                     return
+        finally:
+            if guard.armed:
+                guard.armed = False
+                self.client.abort([request_id])
+
+    async def encode(
+        self,
+        prompt: PromptType,
+        pooling_params: PoolingParams | None = None,
+        request_id: str | None = None,
+        *,
+        truncate_prompt_tokens: int | None = None,
+    ) -> AsyncGenerator[PoolingRequestOutput, None]:
+        """Yield the one, final `PoolingRequestOutput` of a prompt (`outputs.data`: its pooled
+        vector as the model's pooling and `pooling_params` ask).
+
+        Pooling requests run in the same steps as generation requests. Cancelling aborts the
+        request; a request aborted with `abort()` ends without an output.
+        """
+        request_id, stream = self._submit(
+            self._prepare_pooling(prompt, pooling_params, request_id, truncate_prompt_tokens)
+        )
+        guard = _AbortIfAbandoned(self.client, request_id)
+        try:
+            item = await stream.get()
+            guard.armed = False
+            if isinstance(item, BaseException):
+                raise item
+            if item is not ABORTED:
+                yield item
         finally:
             if guard.armed:
                 guard.armed = False

@@ -152,9 +152,14 @@ def cmd_chat(ns: argparse.Namespace) -> int:
 
 
 def cmd_download_default(ns: argparse.Namespace) -> int:
-    from zllm.frontend.default_model import download_default
+    if ns.embedding:
+        from zllm.frontend.default_embedding_model import download_default_embedding
 
-    print(download_default())
+        print(download_default_embedding())
+    else:
+        from zllm.frontend.default_model import download_default
+
+        print(download_default())
     return 0
 
 
@@ -210,6 +215,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     dl = sub.add_parser(
         "download-default", help="fetch and convert the default model; print its path"
+    )
+    dl.add_argument(
+        "--embedding",
+        action="store_true",
+        help="the default embedding model (all-MiniLM-L6-v2) instead",
     )
     dl.set_defaults(func=cmd_download_default)
 

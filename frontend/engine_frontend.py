@@ -19,6 +19,7 @@ from zllm.frontend.input_processor import InputProcessor, ProcessedRequest, Prom
 from zllm.frontend.stream import RequestStream
 from zllm.protocol.config import DEFAULT_MODEL_NAME, EngineArgs, ModelConfig
 from zllm.protocol.messages import Ready
+from zllm.protocol.pooling_params import PoolingParams
 from zllm.protocol.rpc import check_user_rpc
 from zllm.protocol.sampling_params import SamplingParams
 
@@ -33,7 +34,10 @@ class EngineFrontend:
             engine_args = resolve_engine_args(engine_args)
             # Fail here, naming the path, before a process is spawned for nothing.
             ModelConfig.from_path(
-                engine_args.model, engine_args.tokenizer, engine_args.max_model_len
+                engine_args.model,
+                engine_args.tokenizer,
+                engine_args.max_model_len,
+                engine_args.resolved_runner(),
             )
         self.engine_args = engine_args
         # The core starts (imports torch, loads weights) while we load the tokenizer.
@@ -69,9 +73,34 @@ class EngineFrontend:
         self, prompt: PromptType, params: SamplingParams | None, request_id: str | None
     ) -> ProcessedRequest:
         """Tokenize and check one request (raises `ValueError`); nothing is sent yet."""
-        if request_id is None:
-            request_id = f"{uuid.uuid4().hex[:12]}-{next(self._ids)}"
-        return self.processor.process(request_id, prompt, params or SamplingParams())
+        return self.processor.process(
+            request_id or self._new_request_id(), prompt, params or SamplingParams()
+        )
+
+    def _prepare_pooling(
+        self,
+        prompt: PromptType,
+        params: PoolingParams | None,
+        request_id: str | None,
+        truncate_prompt_tokens: int | None = None,
+    ) -> ProcessedRequest:
+        """`_prepare` for `encode()` / `embed()`; `truncate_prompt_tokens` is vLLM's keyword
+        form of `PoolingParams.truncate_prompt_tokens`."""
+        params = params or PoolingParams()
+        if not isinstance(params, PoolingParams):
+            raise TypeError(f"pooling_params must be PoolingParams, got {type(params).__name__}")
+        if truncate_prompt_tokens is not None:
+            given = params.truncate_prompt_tokens
+            if given is not None and given != truncate_prompt_tokens:
+                raise ValueError(
+                    f"truncate_prompt_tokens={truncate_prompt_tokens} contradicts "
+                    f"PoolingParams.truncate_prompt_tokens={given}"
+                )
+            params = params.clone(truncate_prompt_tokens=truncate_prompt_tokens)
+        return self.processor.process(request_id or self._new_request_id(), prompt, params)
+
+    def _new_request_id(self) -> str:
+        return f"{uuid.uuid4().hex[:12]}-{next(self._ids)}"
 
     def _submit(
         self, request: ProcessedRequest, stream: RequestStream | None = None

@@ -12,10 +12,12 @@ from typing import Any
 
 import msgspec
 
+from zllm.frontend.pooling_inputs import prepare_pooling
 from zllm.frontend.prompts import PROMPT_KEYS, PromptType
 from zllm.frontend.sampling_inputs import apply_sampling_inputs
 from zllm.protocol.admission import AdmissionLimits, canonical_request, request_error
 from zllm.protocol.messages import Ready
+from zllm.protocol.pooling_params import PoolingParams
 from zllm.protocol.sampling_params import SamplingParams
 
 __all__ = ["InputProcessor", "ProcessedRequest", "PromptType"]
@@ -28,7 +30,7 @@ class ProcessedRequest:
     request_id: str  # the caller's
     prompt: str | None
     prompt_token_ids: list[int]
-    params: SamplingParams
+    params: SamplingParams | PoolingParams  # generate() or encode()
 
 
 class InputProcessor:
@@ -38,17 +40,28 @@ class InputProcessor:
         self.limits = AdmissionLimits.from_ready(ready)
 
     def process(
-        self, request_id: str, prompt: PromptType, params: SamplingParams
+        self, request_id: str, prompt: PromptType, params: SamplingParams | PoolingParams
     ) -> ProcessedRequest:
         """Tokenize and check one request; raise `ValueError` saying what is wrong."""
         if not isinstance(request_id, str):
             raise ValueError(f"request_id must be a str, got {type(request_id).__name__}")
         text, ids = self.tokenize(prompt)
         add = canonical_request(request_id, ids, params)
-        ids, params = apply_sampling_inputs(
-            add.prompt_token_ids, add.sampling_params, self.tokenizer, self.model_config
-        )
-        add = msgspec.structs.replace(add, prompt_token_ids=ids, sampling_params=params)
+        if add.pooling_params is not None:
+            from_text = isinstance(prompt, str) or "prompt_token_ids" not in prompt
+            ids, params = prepare_pooling(
+                add.prompt_token_ids,
+                add.pooling_params,
+                from_text,
+                self.tokenizer,
+                self.model_config,
+            )
+            add = msgspec.structs.replace(add, prompt_token_ids=ids, pooling_params=params)
+        else:
+            ids, params = apply_sampling_inputs(
+                add.prompt_token_ids, add.sampling_params, self.tokenizer, self.model_config
+            )
+            add = msgspec.structs.replace(add, prompt_token_ids=ids, sampling_params=params)
         error = request_error(add, self.limits)
         if error is not None:
             raise ValueError(error)

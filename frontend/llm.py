@@ -19,15 +19,17 @@ from zllm.frontend.engine_configs import (
     VllmConfig,
 )
 from zllm.frontend.engine_frontend import EngineFrontend, check_sleep_args
-from zllm.frontend.input_processor import PromptType
+from zllm.frontend.input_processor import ProcessedRequest, PromptType
 from zllm.frontend.llm_engine import LLMEngine
 from zllm.frontend.metrics_reader import Metric, metrics_from_stats
 from zllm.frontend.model_config import ModelConfig
 from zllm.frontend.outputs import RequestOutput
+from zllm.frontend.pooling_outputs import EmbeddingRequestOutput, PoolingRequestOutput
 from zllm.frontend.progress import progress_bar
 from zllm.frontend.seeding import seed_everything
 from zllm.protocol.config import EngineArgs
 from zllm.protocol.messages import SchedulerStats
+from zllm.protocol.pooling_params import PoolingParams
 from zllm.protocol.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger("zllm")
@@ -66,28 +68,70 @@ class LLM(EngineFrontend):
         """
         check_blocking_call("LLM.generate", self.client.io_thread)
         _no_lora(lora_request)
-        if isinstance(prompts, str | dict) or _is_token_list(prompts):
-            prompts = [prompts]
-        prompts = list(prompts)
-        if sampling_params is None or isinstance(sampling_params, SamplingParams):
-            params_list = [sampling_params or SamplingParams()] * len(prompts)
-        else:
-            params_list = list(sampling_params)
-            if len(params_list) != len(prompts):
-                raise ValueError(f"{len(prompts)} prompts but {len(params_list)} sampling params")
-        # Every prompt is checked before any is sent: a bad one costs the others nothing, and
-        # the whole batch reaches the engine together.
-        prepared = []
-        for i, (prompt, params) in enumerate(zip(prompts, params_list)):
-            try:
-                if not isinstance(params, SamplingParams):
-                    raise ValueError(
-                        f"sampling_params must be SamplingParams, got {type(params).__name__}"
-                    )
-                params = params.clone(output_kind=RequestOutputKind.FINAL_ONLY)
-                prepared.append(self._prepare(prompt, params, None))
-            except ValueError as e:
-                raise ValueError(f"prompts[{i}]: {e}") from None
+        prompts = _prompt_list(prompts)
+        params_list = _params_list(sampling_params, SamplingParams, len(prompts))
+
+        def prepare(prompt: PromptType, params: SamplingParams | None) -> ProcessedRequest:
+            params = _checked(params or SamplingParams(), SamplingParams)
+            return self._prepare(
+                prompt, params.clone(output_kind=RequestOutputKind.FINAL_ONLY), None
+            )
+
+        return self._run_batch(_each(prepare, prompts, params_list), use_tqdm)
+
+    def encode(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
+        *,
+        truncate_prompt_tokens: int | None = None,
+        use_tqdm: bool = False,
+        pooling_task: str | None = None,
+    ) -> list[PoolingRequestOutput]:
+        """Pool every prompt into one vector (`outputs.data`); outputs in input order.
+
+        The engine runs the model's pooling (sentence-transformers config, or CLS for an
+        encoder and the last token for a decoder), then `dimensions` and `normalize`.
+        Blocks like `generate`.
+        """
+        check_blocking_call("LLM.encode", self.client.io_thread)
+        if pooling_task not in (None, "embed"):
+            raise ValueError(
+                f"pooling_task={pooling_task!r} is not supported; zllm pools each prompt into "
+                "one vector ('embed')"
+            )
+        prompts = _prompt_list(prompts)
+        params_list = _params_list(pooling_params, PoolingParams, len(prompts))
+
+        def prepare(prompt: PromptType, params: PoolingParams | None) -> ProcessedRequest:
+            return self._prepare_pooling(prompt, params, None, truncate_prompt_tokens)
+
+        return self._run_batch(_each(prepare, prompts, params_list), use_tqdm)
+
+    def embed(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        *,
+        truncate_prompt_tokens: int | None = None,
+        use_tqdm: bool = False,
+        pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
+    ) -> list[EmbeddingRequestOutput]:
+        """One embedding per prompt (`outputs.embedding`, a list of floats), in input order."""
+        outputs = self.encode(
+            prompts,
+            pooling_params,
+            truncate_prompt_tokens=truncate_prompt_tokens,
+            use_tqdm=use_tqdm,
+            pooling_task="embed",
+        )
+        return [EmbeddingRequestOutput.from_base(o) for o in outputs]
+
+    def _run_batch(self, prepared: list[ProcessedRequest], use_tqdm: bool) -> list[Any]:
+        """Send checked requests together; return their final outputs in order.
+
+        Every prompt was checked before any is sent: a bad one costs the others nothing, and
+        the whole batch reaches the engine together.
+        """
         streams = []
         try:
             with self.client.holding():
@@ -262,11 +306,47 @@ class LLM(EngineFrontend):
         self.shutdown()
 
 
+def _prompt_list(prompts: PromptType | Sequence[PromptType]) -> list[PromptType]:
+    if isinstance(prompts, str | dict) or _is_token_list(prompts):
+        return [prompts]
+    return list(prompts)
+
+
 def _is_token_list(prompts: object) -> bool:
     """One prompt given as token ids (ints, numpy integers; floats, to be refused), not a batch."""
     if not isinstance(prompts, list | tuple) or not prompts:
         return False
     return isinstance(prompts[0], numbers.Number)
+
+
+def _params_list(params: Any, kind: type, n: int) -> list[Any]:
+    """One params object (or None) per prompt, from one for all or a list of n."""
+    if params is None or isinstance(params, kind):
+        return [params] * n
+    if not isinstance(params, Sequence):
+        raise TypeError(f"expected {kind.__name__} or a list of them, got {type(params).__name__}")
+    params = list(params)
+    if len(params) != n:
+        raise ValueError(f"{n} prompts but {len(params)} {kind.__name__} objects")
+    return params
+
+
+def _checked(params: Any, kind: type) -> Any:
+    if not isinstance(params, kind):
+        raise ValueError(f"expected {kind.__name__}, got {type(params).__name__}")
+    return params
+
+
+def _each(prepare: Callable, prompts: list, params_list: list) -> list[ProcessedRequest]:
+    """Every request checked before any is sent (a bad one costs the others nothing); an error
+    names the prompt's index."""
+    prepared = []
+    for i, (prompt, params) in enumerate(zip(prompts, params_list)):
+        try:
+            prepared.append(prepare(prompt, params))
+        except ValueError as e:
+            raise ValueError(f"prompts[{i}]: {e}") from None
+    return prepared
 
 
 def _no_lora(lora_request: Any) -> None:

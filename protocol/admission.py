@@ -15,6 +15,8 @@ from typing import Any
 import msgspec
 
 from zllm.protocol.messages import AddRequest, Ready
+from zllm.protocol.pooler_config import PoolerConfig
+from zllm.protocol.pooling_params import PoolingParams
 from zllm.protocol.sampling_params import SamplingParams
 
 MAX_REQUEST_ID_BYTES = 256
@@ -28,15 +30,26 @@ class AdmissionLimits(msgspec.Struct, frozen=True, kw_only=True):
     block_size: int
     num_kv_blocks: int
     max_logprobs: int  # -1: no cap
+    max_num_batched_tokens: int = 2**31  # an encoder runs each prompt in one step
+    supported_tasks: list[str] = msgspec.field(default_factory=lambda: ["generate"])
+    is_causal: bool = True
+    hidden_size: int = 0
+    pooler: PoolerConfig | None = None
 
     @classmethod
     def from_ready(cls, ready: Ready) -> AdmissionLimits:
+        config = ready.model_config
         return cls(
-            max_model_len=ready.model_config.max_model_len,
-            vocab_size=ready.model_config.vocab_size,
+            max_model_len=config.max_model_len,
+            vocab_size=config.vocab_size,
             block_size=ready.engine_args.block_size,
             num_kv_blocks=ready.num_kv_blocks,
             max_logprobs=ready.engine_args.max_logprobs,
+            max_num_batched_tokens=ready.max_num_batched_tokens,
+            supported_tasks=list(config.supported_tasks),
+            is_causal=config.is_causal,
+            hidden_size=config.hidden_size,
+            pooler=config.pooler_config,
         )
 
 
@@ -55,22 +68,26 @@ _decoder = msgspec.msgpack.Decoder(AddRequest)
 
 
 def canonical_request(
-    request_id: str, prompt_token_ids: Any, params: SamplingParams, arrival_time: float = 0.0
+    request_id: str,
+    prompt_token_ids: Any,
+    params: SamplingParams | PoolingParams,
+    arrival_time: float = 0.0,
 ) -> AddRequest:
     """The request exactly as engine-core will decode it, or `ValueError` naming the field."""
-    if not isinstance(params, SamplingParams):
+    if not isinstance(params, SamplingParams | PoolingParams):
         raise ValueError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
-    # As fields, not a new SamplingParams: its checks run once, on the decoded values.
+    # As fields, not a new params object: its checks run once, on the decoded values.
     fields = msgspec.structs.asdict(params)
-    if isinstance(fields["stop"], str):  # vLLM accepts `sp.stop = "..."` after construction
+    if isinstance(fields.get("stop"), str):  # vLLM accepts `sp.stop = "..."` after construction
         fields["stop"] = [fields["stop"]]
+    kind = "sampling_params" if isinstance(params, SamplingParams) else "pooling_params"
     try:
         frame = _encoder.encode(
             AddRequest(
                 request_id=request_id,
                 prompt_token_ids=prompt_token_ids,
-                sampling_params=fields,
                 arrival_time=arrival_time,
+                **{kind: fields},
             )
         )
     except (TypeError, OverflowError, NotImplementedError) as e:
@@ -92,9 +109,10 @@ def describe_validation_error(error: msgspec.ValidationError) -> str:
     if match is None:
         return text
     message, path = text[: match.start()], match.group(1)
-    if message.startswith("SamplingParams."):  # our own check already names the field
+    if message.startswith(("SamplingParams.", "PoolingParams.")):  # our checks name the field
         return message
     path = path.replace("sampling_params.", "SamplingParams.", 1)
+    path = path.replace("pooling_params.", "PoolingParams.", 1)
     return f"{path}: {message[:1].lower()}{message[1:]}" if path else message
 
 
@@ -103,10 +121,26 @@ def request_error(add: AddRequest, limits: AdmissionLimits) -> str | None:
     size = len(add.request_id.encode("utf-8", "surrogatepass"))
     if size > MAX_REQUEST_ID_BYTES:
         return f"the request id is {size} bytes long; at most {MAX_REQUEST_ID_BYTES} are allowed"
-    ids, params = add.prompt_token_ids, add.sampling_params
-    n, max_len, vocab = len(ids), limits.max_model_len, limits.vocab_size
-    if n == 0:
+    ids, vocab = add.prompt_token_ids, limits.vocab_size
+    if not ids:
         return "the prompt is empty"
+    bad = next((i for i, t in enumerate(ids) if not 0 <= t < vocab), None)
+    if bad is not None:
+        return f"prompt_token_ids[{bad}] = {ids[bad]} is outside the vocabulary [0, {vocab})"
+    if (add.sampling_params is None) == (add.pooling_params is None):
+        return "a request needs either sampling_params (generate) or pooling_params (encode)"
+    if add.pooling_params is not None:
+        return _pooling_error(len(ids), add.pooling_params, limits)
+    return _generation_error(len(ids), add.sampling_params, limits)
+
+
+def _generation_error(n: int, params: SamplingParams, limits: AdmissionLimits) -> str | None:
+    max_len, vocab = limits.max_model_len, limits.vocab_size
+    if "generate" not in limits.supported_tasks:
+        return (
+            f"generate() needs a generative model; this engine serves {limits.supported_tasks} "
+            "(use encode() or embed())"
+        )
     if n >= max_len:
         return (
             f"the prompt has {n} tokens, but max_model_len is {max_len} (nothing left to generate)"
@@ -116,9 +150,6 @@ def request_error(add: AddRequest, limits: AdmissionLimits) -> str | None:
             f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) = {n + params.max_tokens} "
             f"exceeds max_model_len={max_len}"
         )
-    bad = next((i for i, t in enumerate(ids) if not 0 <= t < vocab), None)
-    if bad is not None:
-        return f"prompt_token_ids[{bad}] = {ids[bad]} is outside the vocabulary [0, {vocab})"
     for name in ("logprobs", "prompt_logprobs"):
         error = _logprobs_error(name, getattr(params, name), limits)
         if error is not None:
@@ -133,11 +164,52 @@ def request_error(add: AddRequest, limits: AdmissionLimits) -> str | None:
         if bad is not None:
             return f"SamplingParams.{name}: token id {bad} is outside the vocabulary [0, {vocab})"
     total = n + (params.max_tokens or max_len - n)
-    needed = -(-total // limits.block_size)
+    return _blocks_error(total, limits, "lower max_tokens or give the engine more KV memory")
+
+
+def _pooling_error(n: int, params: PoolingParams, limits: AdmissionLimits) -> str | None:
+    if "embed" not in limits.supported_tasks or limits.pooler is None:
+        return (
+            f"encode()/embed() need a pooling model; this engine serves {limits.supported_tasks} "
+            "(start it with runner='pooling' or runner='auto')"
+        )
+    if n > limits.max_model_len:
+        return (
+            f"the prompt has {n} tokens, more than max_model_len={limits.max_model_len} "
+            "(set PoolingParams.truncate_prompt_tokens to cut it)"
+        )
+    if not limits.is_causal and n > limits.max_num_batched_tokens:
+        return (
+            f"the prompt has {n} tokens; an encoder runs each prompt in one step, and "
+            f"max_num_batched_tokens={limits.max_num_batched_tokens}"
+        )
+    dimensions, pooler = params.dimensions, limits.pooler
+    if dimensions is not None:
+        if not pooler.is_matryoshka:
+            return (
+                "PoolingParams.dimensions: this model does not support Matryoshka "
+                "representation; changing the output dimensions would give poor results"
+            )
+        allowed = pooler.matryoshka_dimensions
+        if allowed is not None and dimensions not in allowed:
+            return (
+                "PoolingParams.dimensions must be one of the model's Matryoshka dimensions "
+                f"{allowed}, got {dimensions}"
+            )
+        if dimensions > limits.hidden_size:
+            return (
+                f"PoolingParams.dimensions must be <= the model's hidden size "
+                f"{limits.hidden_size}, got {dimensions}"
+            )
+    return _blocks_error(n, limits, "give the engine more KV memory")
+
+
+def _blocks_error(tokens: int, limits: AdmissionLimits, fix: str) -> str | None:
+    needed = -(-tokens // limits.block_size)
     if needed > limits.num_kv_blocks:
         return (
-            f"the request needs {needed} KV blocks ({total} tokens) but the engine's whole KV "
-            f"cache has {limits.num_kv_blocks}; lower max_tokens or give the engine more KV memory"
+            f"the request needs {needed} KV blocks ({tokens} tokens) but the engine's whole KV "
+            f"cache has {limits.num_kv_blocks}; {fix}"
         )
     return None
 

@@ -13,9 +13,20 @@ from typing import Any
 
 import msgspec
 
+from zllm.protocol.pooler_config import (
+    PoolerConfig,
+    read_pooler_config,
+    sentence_transformers_max_len,
+)
 from zllm.protocol.vllm_options import check_vllm_options
 
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
+
+RUNNERS = ("auto", "generate", "pooling")
+TASKS = ("auto", "generate", "embed")
+_TASK_RUNNER = {"auto": "auto", "generate": "generate", "embed": "pooling"}
+# Bidirectional attention: every token sees the whole prompt, so nothing is cached or chunked.
+ENCODER_ARCHITECTURES = frozenset({"BertModel"})
 
 
 class EngineArgs(msgspec.Struct, kw_only=True):
@@ -57,8 +68,6 @@ class EngineArgs(msgspec.Struct, kw_only=True):
     tokenizer_mode: str = "auto"  # "auto" | "hf" (fast tokenizer when there is one)
     generation_config: str = "auto"  # "auto": the model's | "vllm": none | a folder
     override_generation_config: dict[str, Any] | None = None
-    task: str = "auto"  # "auto" | "generate"
-    runner: str = "auto"  # "auto" | "generate"
     swap_space: float = 4  # GiB; preemption recomputes, so no swap is ever used
     enable_sleep_mode: bool = False  # sleep mode is always available in zllm
     quantization: str | None = None  # unquantized checkpoints only
@@ -72,6 +81,11 @@ class EngineArgs(msgspec.Struct, kw_only=True):
     max_lora_rank: int = 16
     max_cpu_loras: int | None = None
     speculative_config: dict[str, Any] | None = None
+
+    # "generate": only generate(); "pooling": only encode()/embed(); "auto": what the
+    # checkpoint can do (an encoder pools; a decoder with an LM head does both).
+    runner: str = "auto"
+    task: str = "auto"  # vLLM's older name for the same choice: "generate" or "embed"
 
     def __post_init__(self) -> None:
         check_vllm_options(self)
@@ -102,6 +116,16 @@ class EngineArgs(msgspec.Struct, kw_only=True):
             raise ValueError(
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
             )
+        if self.runner not in RUNNERS:
+            raise ValueError(f"runner must be one of {RUNNERS}, got {self.runner!r}")
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        if "auto" not in (self.runner, self.task) and _TASK_RUNNER[self.task] != self.runner:
+            raise ValueError(f"task={self.task!r} contradicts runner={self.runner!r}")
+
+    def resolved_runner(self) -> str:
+        """The runner asked for by `runner` or `task`: "generate", "pooling" or "auto"."""
+        return self.runner if self.runner != "auto" else _TASK_RUNNER[self.task]
 
     @classmethod
     def add_cli_args(cls, parser: Any) -> Any:
@@ -166,10 +190,20 @@ class ModelConfig(msgspec.Struct, kw_only=True):
     eos_token_ids: list[int]
     max_model_len: int
     dtype: str = "float32"
+    supported_tasks: list[str] = msgspec.field(default_factory=lambda: ["generate"])  # and "embed"
+    is_causal: bool = True  # False: bidirectional attention (an encoder)
+    pooler_config: PoolerConfig | None = None  # how "embed" pools, when supported
+    layer_norm_eps: float = 1e-12  # encoders (LayerNorm) rather than rms_norm_eps
+    type_vocab_size: int = 0
+    hidden_act: str = "silu"
 
     @classmethod
     def from_path(
-        cls, path: str, tokenizer: str | None = None, max_model_len: int | None = None
+        cls,
+        path: str,
+        tokenizer: str | None = None,
+        max_model_len: int | None = None,
+        runner: str = "auto",
     ) -> ModelConfig:
         config_file = Path(path) / "config.json"
         if not config_file.is_file():
@@ -195,6 +229,26 @@ class ModelConfig(msgspec.Struct, kw_only=True):
                 f"max_model_len={max_model_len} is larger than the model's "
                 f"max_position_embeddings={max_pos}"
             )
+        is_causal = architecture not in ENCODER_ARCHITECTURES
+        tasks = _supported_tasks(architecture, runner)
+        pooler_config, st_max = None, None
+        if "embed" in tasks:
+            try:
+                pooler_config = read_pooler_config(Path(path), raw, is_causal)
+                st_max = sentence_transformers_max_len(Path(path))
+            except ValueError:
+                if runner != "auto" or "generate" not in tasks:
+                    raise
+                # A generative checkpoint whose pooling zllm cannot run: it only generates.
+                tasks, pooler_config = ["generate"], None
+        default_len = max_pos
+        if st_max is not None:
+            if max_model_len is not None and max_model_len > st_max:
+                raise ValueError(
+                    f"max_model_len={max_model_len} is larger than the checkpoint's "
+                    f"sentence-transformers max_seq_length={st_max}"
+                )
+            default_len = min(max_pos, st_max)
         return cls(
             path=str(path),
             tokenizer=str(tokenizer or path),
@@ -212,11 +266,33 @@ class ModelConfig(msgspec.Struct, kw_only=True):
             rope_scaling=rope_scaling,
             max_position_embeddings=max_pos,
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-            attention_bias=bool(raw.get("attention_bias", architecture == "Qwen2ForCausalLM")),
-            qk_norm=architecture == "Qwen3ForCausalLM",
+            attention_bias=bool(raw.get("attention_bias", raw.get("model_type") == "qwen2")),
+            qk_norm=raw.get("model_type") == "qwen3",
             eos_token_ids=eos,
-            max_model_len=max_model_len or max_pos,
+            max_model_len=max_model_len or default_len,
+            supported_tasks=tasks,
+            is_causal=is_causal,
+            pooler_config=pooler_config,
+            layer_norm_eps=raw.get("layer_norm_eps", 1e-12),
+            type_vocab_size=raw.get("type_vocab_size", 0),
+            hidden_act=raw.get("hidden_act", "silu"),
         )
+
+
+def _supported_tasks(architecture: str, runner: str) -> list[str]:
+    """What an engine of this checkpoint serves: "generate" needs an LM head (`*ForCausalLM`);
+    every architecture pools its hidden states ("embed")."""
+    can_generate = architecture.endswith("ForCausalLM")
+    if runner == "generate":
+        if not can_generate:
+            raise ValueError(
+                f"runner='generate' needs a model with an LM head; {architecture} has none "
+                "(use runner='pooling')"
+            )
+        return ["generate"]
+    if runner == "pooling":
+        return ["embed"]
+    return ["generate", "embed"] if can_generate else ["embed"]
 
 
 def _arch_from_type(model_type: str) -> str:

@@ -15,9 +15,10 @@ from typing import Any, Union
 import msgspec
 
 from zllm.protocol.config import EngineArgs, ModelConfig
+from zllm.protocol.pooling_params import PoolingParams
 from zllm.protocol.sampling_params import SamplingParams
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 _STRUCT = dict(tag=True, kw_only=True, omit_defaults=True, array_like=False)
 
@@ -33,10 +34,13 @@ class Hello(msgspec.Struct, **_STRUCT):
 
 
 class AddRequest(msgspec.Struct, **_STRUCT):
+    """A generation request (`sampling_params`) or a pooling request (`pooling_params`)."""
+
     request_id: str
     prompt_token_ids: list[int]
-    sampling_params: SamplingParams
+    sampling_params: SamplingParams | None = None
     arrival_time: float = 0.0
+    pooling_params: PoolingParams | None = None
 
 
 class AddRequests(msgspec.Struct, **_STRUCT):
@@ -112,6 +116,7 @@ class RequestUpdate(msgspec.Struct, kw_only=True, omit_defaults=True, array_like
     num_cached_tokens: int = 0
     error: str | None = None  # the engine refused the request (finish_reason "error")
     error_kind: str | None = None  # with `error`: "invalid" (the request) or "overloaded" (retry)
+    pooled: bytes | None = None  # a pooling request's vector: float32, little-endian
 
     @classmethod
     def refused(cls, request_id: str, error: str, kind: str = "invalid") -> RequestUpdate:

@@ -13,7 +13,6 @@ from typing import Any
 
 DTYPE_ALIASES = {"half": "float16", "float": "float32"}
 DTYPES = ("auto", "float32", "float16", "bfloat16")
-GENERATE_TASKS = ("auto", "generate")
 LORA_DEFAULTS = {"enable_lora": False, "max_loras": 1, "max_lora_rank": 16, "max_cpu_loras": None}
 
 
@@ -37,13 +36,6 @@ def check_vllm_options(args: Any) -> None:
                 "the tokenizer is transformers' AutoTokenizer (use 'auto' or 'hf')",
             )
         raise ValueError(f"tokenizer_mode must be 'auto' or 'hf', got {args.tokenizer_mode!r}")
-    for option in ("task", "runner"):
-        value = getattr(args, option)
-        if value not in GENERATE_TASKS:
-            raise ValueError(
-                f"{option}={value!r} is not supported by zllm: it runs generative models only "
-                f"({option} must be one of {GENERATE_TASKS})"
-            )
     if not isinstance(args.generation_config, str) or not args.generation_config:
         raise ValueError(
             "generation_config must be 'auto', 'vllm' or a folder holding generation_config.json, "

@@ -12,6 +12,7 @@ import msgspec
 
 from zllm.protocol.messages import Logprobs, _codec
 from zllm.protocol.messages import encode as encode  # one encoder for every socket
+from zllm.protocol.pooling_params import PoolingParams
 from zllm.protocol.sampling_params import SamplingParams
 
 _STRUCT = dict(tag=True, kw_only=True, omit_defaults=True)
@@ -22,7 +23,8 @@ class NewRequest(msgspec.Struct, kw_only=True, omit_defaults=True, array_like=Tr
 
     request_id: str
     prompt_token_ids: list[int]
-    sampling_params: SamplingParams
+    sampling_params: SamplingParams | None = None
+    pooling_params: PoolingParams | None = None  # set: pool the prompt instead of sampling
 
 
 class ScheduledChunk(msgspec.Struct, kw_only=True, array_like=True):
@@ -32,7 +34,7 @@ class ScheduledChunk(msgspec.Struct, kw_only=True, array_like=True):
     token_ids: list[int]
     start: int
     block_ids: list[int]
-    sample: bool  # the chunk reaches the end of the known tokens: sample the next one
+    sample: bool  # the chunk reaches the end of the known tokens: sample the next one (or pool)
 
 
 class ExecuteModel(msgspec.Struct, **_STRUCT):
@@ -65,12 +67,14 @@ class WorkerFailed(msgspec.Struct, **_STRUCT):
 
 
 class ModelOutput(msgspec.Struct, **_STRUCT):
-    """Sampled ids for the chunks that asked for one, in chunk order."""
+    """Sampled ids for the chunks that asked for one, in chunk order; pooled vectors of the
+    pooling requests whose prompt ended this step (float32 bytes)."""
 
     request_ids: list[str]
     sampled_token_ids: list[int]
     logprobs: list[Logprobs | None] = []
     prompt_logprobs: dict[str, Logprobs] = {}  # per request: this step's chunk of its prompt
+    pooled: dict[str, bytes] = {}
 
 
 class WorkerReply(msgspec.Struct, **_STRUCT):

@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Every model here is a local directory: sentence-transformers and transformers must not
+# spend seconds asking a hub that CI cannot reach.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Before torch loads: OpenMP busy-waiting makes the engines' processes and this one starve
 # each other on a 2-core machine.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -99,3 +102,52 @@ def pytest_configure(config) -> None:
     import torch
 
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def embedding_model_path() -> str:
+    """all-MiniLM-L6-v2, the default embedding model (a BERT encoder, mean pooling)."""
+    from zllm.frontend.default_embedding_model import download_default_embedding
+
+    return str(download_default_embedding())
+
+
+def checkpoint_variant(src: str, out: Path, files: dict[str, object]) -> Path:
+    """`src`'s checkpoint (its files symlinked) with `files` (relative path -> JSON) written
+    over or added: another config.json, sentence-transformers pooling files, ..."""
+    import json
+
+    out.mkdir(parents=True)
+    for item in Path(src).iterdir():
+        if item.name not in {Path(name).parts[0] for name in files}:
+            (out / item.name).symlink_to(item)
+    for name, content in files.items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text(json.dumps(content))
+    return out
+
+
+def sentence_transformers_files(pooling_mode: str, dim: int, normalize: bool = True) -> dict:
+    """modules.json and 1_Pooling/config.json of a Transformer -> Pooling (-> Normalize) model."""
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {
+            "idx": 1,
+            "name": "1",
+            "path": "1_Pooling",
+            "type": "sentence_transformers.models.Pooling",
+        },
+    ]
+    if normalize:
+        modules.append(
+            {
+                "idx": 2,
+                "name": "2",
+                "path": "2_Normalize",
+                "type": "sentence_transformers.models.Normalize",
+            }
+        )
+    return {
+        "modules.json": modules,
+        "1_Pooling/config.json": {"embedding_dimension": dim, "pooling_mode": pooling_mode},
+    }

@@ -27,3 +27,16 @@ def test_two_ranks_match_one(tiny_checkpoints: dict[str, str], kind: str) -> Non
 def test_heads_must_divide_across_ranks(tiny_checkpoints: dict[str, str]) -> None:
     with pytest.raises(Exception, match="tensor_parallel_size=3"):
         LLM(tiny_checkpoints["llama"], tensor_parallel_size=3, skip_tokenizer_init=True)
+
+
+@pytest.mark.timeout(120)
+def test_two_ranks_embed_like_one(embedding_model_path: str) -> None:
+    """BERT's row-parallel layers carry a bias: added once, after the all-reduce."""
+    import torch
+
+    sentences = ["A man is eating food.", "Two ranks split every layer of the encoder."]
+    vectors = []
+    for tp in (1, 2):
+        with LLM(embedding_model_path, tensor_parallel_size=tp) as llm:
+            vectors.append(torch.tensor([o.outputs.embedding for o in llm.embed(sentences)]))
+    assert torch.allclose(vectors[0], vectors[1], atol=1e-5)

@@ -7,11 +7,10 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from torch import nn
 from tqdm import tqdm
 
 from zllm.protocol.config import ModelConfig
-from zllm.worker.models import model_class
+from zllm.worker.models import Model, model_class
 
 
 def checkpoint_files(path: str) -> list[Path]:
@@ -28,9 +27,14 @@ def checkpoint_files(path: str) -> list[Path]:
 
 def load_model(
     config: ModelConfig, device: torch.device, dtype: torch.dtype, progress: bool = True
-) -> nn.Module:
+) -> Model:
     """Allocate the model on `device` in `dtype`, then copy each tensor in (mmap'd, one at a time)."""
     cls = model_class(config.architecture)
+    if cls.is_causal != config.is_causal:  # the engine schedules by `config.is_causal`
+        raise ValueError(
+            f"{config.architecture}: the engine thinks is_causal={config.is_causal}, "
+            f"its model class {cls.__name__} says {cls.is_causal}"
+        )
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:

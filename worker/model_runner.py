@@ -1,4 +1,5 @@
-"""Turns a scheduled step into tensors, runs the model, samples, and keeps per-request state."""
+"""Turns a scheduled step into tensors, runs the model, samples (or pools), and keeps
+per-request state."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from zllm.protocol.messages import Logprobs
 from zllm.protocol.sampling_params import SamplingParams
 from zllm.protocol.worker_messages import ExecuteModel, ModelOutput
 from zllm.worker import transfer
-from zllm.worker.layers.attention import AttentionMetadata
+from zllm.worker.models.interface import Model
+from zllm.worker.pooler import Pooler, PoolingChunk
 from zllm.worker.sampler import Sampler, SamplingRequest, gather_logprobs
 
 PROMPT_LOGPROBS_ROWS = 512  # prompt positions per logits matmul: bounds the [rows, V] buffer
@@ -42,7 +44,7 @@ class _PromptRows:
 
 class ModelRunner:
     def __init__(
-        self, model: torch.nn.Module, config: ModelConfig, device: torch.device, block_size: int
+        self, model: Model, config: ModelConfig, device: torch.device, block_size: int
     ) -> None:
         self.model = model
         self.config = config
@@ -51,6 +53,7 @@ class ModelRunner:
         self.kv_caches: list[torch.Tensor] = []
         self.sampler = Sampler(config.vocab_size, device)
         self.requests: dict[str, RequestState] = {}
+        self.pooler = Pooler(config.pooler_config, device) if config.pooler_config else None
 
     # ---- KV cache ------------------------------------------------------------------------------
 
@@ -60,6 +63,8 @@ class ModelRunner:
         return per_layer * self.config.num_hidden_layers
 
     def allocate_kv_cache(self, num_blocks: int, num_kv_heads: int) -> None:
+        if not self.model.uses_kv_cache:  # its blocks are only the scheduler's accounting
+            return
         dtype = next(self.model.parameters()).dtype
         shape = (2, num_blocks, self.block_size, num_kv_heads, self.config.head_dim)
         # zeros, not empty: masked-out keys must be finite or they poison the softmax.
@@ -77,7 +82,14 @@ class ModelRunner:
     def execute(self, step: ExecuteModel) -> ModelOutput:
         for key in step.finished_request_ids:
             self.requests.pop(key, None)
+            if self.pooler is not None:
+                self.pooler.drop(key)
         for new in step.new_requests:
+            if new.pooling_params is not None:
+                self._require_pooler().add(
+                    new.request_id, new.pooling_params, len(new.prompt_token_ids)
+                )
+                continue
             generator = None
             if new.sampling_params.seed is not None and not new.sampling_params.greedy:
                 generator = torch.Generator(device=self.device)
@@ -92,6 +104,7 @@ class ModelRunner:
         sample_rows: list[int] = []
         sample_keys: list[str] = []
         prompt_rows: list[_PromptRows] = []
+        pool_chunks: list[PoolingChunk] = []
         for chunk in step.chunks:
             n = len(chunk.token_ids)
             state = self.requests.get(chunk.request_id)
@@ -103,14 +116,18 @@ class ModelRunner:
             input_ids.extend(chunk.token_ids)
             positions.extend(range(chunk.start, chunk.start + n))
             meta_chunks.append((chunk.start, n, chunk.block_ids))
-            if chunk.sample:
+            if self.pooler is not None and chunk.request_id in self.pooler:
+                pool_chunks.append(
+                    PoolingChunk(chunk.request_id, len(input_ids) - n, n, chunk.start, chunk.sample)
+                )
+            elif chunk.sample:
                 sample_rows.append(len(input_ids) - 1)
                 sample_keys.append(chunk.request_id)
 
         # Host->device copies are queued without waiting; device->host copies are queued
         # too, and complete when the sampled ids reach the host: one wait per step.
         to_device = functools.partial(transfer.to_device, device=self.device)
-        meta = AttentionMetadata.build(meta_chunks, self.block_size, self.device)
+        meta = self.model.attention_metadata.build(meta_chunks, self.block_size, self.device)
         ids_t = to_device(input_ids, torch.long)
         pos_t = to_device(positions, torch.long)
         sample_t = to_device(sample_rows, torch.long)
@@ -118,6 +135,7 @@ class ModelRunner:
             rows.targets_t = to_device(rows.targets, torch.long)
         hidden = self.model(ids_t, pos_t, self.kv_caches, meta)
         prompt_parts = {rows.key: self._prompt_logprobs(hidden, rows) for rows in prompt_rows}
+        pooled = self.pooler.pool(hidden, pool_chunks) if pool_chunks else {}
         sampled: list[int] = []
         logprobs: list[Logprobs | None] = []
         if sample_keys:
@@ -150,7 +168,13 @@ class ModelRunner:
             sampled_token_ids=sampled,
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
+            pooled=pooled,
         )
+
+    def _require_pooler(self) -> Pooler:
+        if self.pooler is None:
+            raise ValueError("a pooling request reached an engine that does not pool")
+        return self.pooler
 
     # ---- logprobs ------------------------------------------------------------------------------
 

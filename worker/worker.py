@@ -83,7 +83,20 @@ class Worker:
     # ---- KV cache sizing -------------------------------------------------------------------------
 
     def available_kv_blocks(self) -> int:
-        """How many blocks fit in the memory this rank may use for KV."""
+        """How many blocks fit in the memory this rank may use for KV.
+
+        A model without a KV cache (an encoder) holds blocks only while its step runs: as many
+        as the largest step can use, and no memory behind them.
+        """
+        if not self.model.uses_kv_cache:
+            if self.engine_args.kv_cache_memory_bytes is not None:
+                raise ValueError(
+                    f"kv_cache_memory_bytes: {self.model_config.architecture} keeps no KV cache"
+                )
+            tokens = self.engine_args.resolved_max_num_batched_tokens(
+                self.model_config.max_model_len
+            )
+            return -(-tokens // self.engine_args.block_size) + self.engine_args.max_num_seqs
         per_block = self.runner.kv_bytes_per_block(self.num_kv_heads)
         if self.device.type == "cuda":
             budget = self._cuda_kv_budget()

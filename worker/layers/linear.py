@@ -53,9 +53,9 @@ class ColumnParallelLinear(nn.Module):
 
 
 class RowParallelLinear(nn.Module):
-    """y = sum over ranks of x_slice W_slice^T."""
+    """y = sum over ranks of x_slice W_slice^T (+ b, added once, after the sum)."""
 
-    def __init__(self, input_size: int, output_size: int) -> None:
+    def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
         super().__init__()
         size = tp_size()
         if input_size % size:
@@ -64,12 +64,16 @@ class RowParallelLinear(nn.Module):
             )
         self.local_input = input_size // size
         self.weight = nn.Parameter(torch.empty(output_size, self.local_input), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(output_size), requires_grad=False) if bias else None
 
     def load(self, param: nn.Parameter, full: torch.Tensor, part: int = 0) -> None:
-        param.data.copy_(full.narrow(1, tp_rank() * self.local_input, self.local_input))
+        if param is self.bias:  # every rank keeps the whole bias
+            param.data.copy_(full)
+        else:
+            param.data.copy_(full.narrow(1, tp_rank() * self.local_input, self.local_input))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = nn.functional.linear(x, self.weight)
         if tp_size() > 1:
             dist.all_reduce(y)
-        return y
+        return y if self.bias is None else y + self.bias

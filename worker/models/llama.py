@@ -1,7 +1,9 @@
 """The Llama family: Llama, Mistral, Qwen2 (qkv bias), Qwen3 (q/k norm); tied or untied embeddings.
 
 Tokens of all sequences in a step are one flat batch `[T, hidden]`; attention finds each
-sequence's context through `AttentionMetadata` and the paged KV cache.
+sequence's context through `AttentionMetadata` and the paged KV cache. The LM head is built
+only when the engine generates: an embedding engine (or a `*Model` checkpoint, which has no
+head) pools the hidden states.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from zllm.worker.layers.attention import AttentionMetadata, paged_attention
 from zllm.worker.layers.linear import ColumnParallelLinear, RowParallelLinear, tp_size
 from zllm.worker.layers.norm import RMSNorm
 from zllm.worker.layers.rotary import RotaryEmbedding
+from zllm.worker.models.interface import Model
 
 
 class Attention(nn.Module):
@@ -113,8 +116,10 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
-class LlamaForCausalLM(nn.Module):
-    # checkpoint name fragment -> (our parameter fragment, part index in a stacked layer)
+class LlamaForCausalLM(Model):
+    is_causal = True
+    uses_kv_cache = True
+    attention_metadata = AttentionMetadata
     stacked = {
         "q_proj": ("qkv_proj", 0),
         "k_proj": ("qkv_proj", 1),
@@ -127,12 +132,17 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = LlamaModel(config)
-        if config.tie_word_embeddings:
+        self.generates = "generate" in config.supported_tasks
+        if config.tie_word_embeddings or not self.generates:
             self.lm_head = None
         else:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         for p in self.parameters():
             p.requires_grad_(False)
+
+    @property
+    def can_generate(self) -> bool:
+        return self.generates
 
     def forward(
         self,
@@ -148,34 +158,14 @@ class LlamaForCausalLM(nn.Module):
         return self.model.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if not self.generates:
+            return super().logits(hidden)
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return nn.functional.linear(hidden, weight).float()
 
     def load_weight(self, name: str, tensor: torch.Tensor) -> str | None:
-        """Copy one checkpoint tensor into place (this rank's slice).
-
-        Returns the parameter it filled, or None for tensors the model does not use.
-        """
         if "rotary_emb" in name or (name == "lm_head.weight" and self.lm_head is None):
             return None
-        if not hasattr(self, "_params"):
-            self._params = dict(self.named_parameters())
-        for fragment, (target, part) in self.stacked.items():
-            if f".{fragment}." in name:
-                param_name = name.replace(fragment, target)
-                module = self.get_submodule(param_name.rsplit(".", 1)[0])
-                module.load(self._params[param_name], tensor, part)
-                return f"{param_name}#{part}" if part else param_name
-        param = self._params.get(name)
-        if param is None:
-            return None
-        module = self.get_submodule(name.rsplit(".", 1)[0])
-        if isinstance(module, RowParallelLinear):
-            module.load(param, tensor)
-        else:
-            if param.shape != tensor.shape:
-                raise ValueError(
-                    f"{name}: checkpoint shape {tuple(tensor.shape)} != model shape {tuple(param.shape)}"
-                )
-            param.data.copy_(tensor)
-        return name
+        if not name.startswith(("model.", "lm_head.")):  # a bare `*Model` checkpoint
+            name = f"model.{name}"
+        return self.load_named(name, tensor)
