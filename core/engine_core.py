@@ -12,6 +12,7 @@ from zllm.core.executor import Executor
 from zllm.core.kv_cache_manager import KVCacheManager
 from zllm.core.request import Request
 from zllm.core.scheduler import ScheduledStep, Scheduler
+from zllm.protocol.admission import AdmissionLimits, request_error
 from zllm.protocol.config import EngineArgs, ModelConfig
 from zllm.protocol.messages import AddRequest, RequestUpdate, SchedulerStats
 from zllm.protocol.worker_messages import ExecuteModel, NewRequest, ScheduledChunk
@@ -45,6 +46,9 @@ class EngineCore:
             max_num_seqs=engine_args.max_num_seqs,
             max_num_batched_tokens=self.max_num_batched_tokens,
             enable_chunked_prefill=engine_args.enable_chunked_prefill,
+        )
+        self.limits = AdmissionLimits.of(
+            engine_args, model_config, self.kv.num_blocks, self.max_num_batched_tokens
         )
         self.sleeping_level = 0
         logger.info(
@@ -92,11 +96,12 @@ class EngineCore:
         return None
 
     def _admission_error(self, key: str, message: AddRequest) -> str | None:
-        """What only the engine's state can refuse; the rules that need no state
-        (`protocol/admission.py`) were applied by the thread that read the frame."""
+        """The shared rules (`protocol/admission.py`; engine-core's frame reader applied them
+        already, so that floods never reach this thread: this is for every other caller),
+        then what only the engine's state can refuse."""
         if key in self.scheduler.requests:
             return f"request id {message.request_id!r} is already running"
-        return None
+        return request_error(message, self.limits)
 
     def _overloaded(self) -> bool:
         limit = self.engine_args.max_queued_requests

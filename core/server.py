@@ -29,7 +29,6 @@ import zmq
 from zllm.core.client_frames import FrameReader
 from zllm.core.engine_core import EngineCore
 from zllm.core.executor import WorkerDiedError, create_executor
-from zllm.protocol.admission import AdmissionLimits
 from zllm.protocol.config import EngineArgs, ModelConfig
 from zllm.protocol.messages import (
     PROTOCOL_VERSION,
@@ -262,7 +261,7 @@ class EngineCoreServer:
             max_num_batched_tokens=self.engine.max_num_batched_tokens,
             core_pid=os.getpid(),
         )
-        self.reader.limits = AdmissionLimits.from_ready(self.ready)
+        self.reader.limits = self.engine.limits
         logger.info("engine-core ready: %s, %d KV blocks", path, self.engine.kv.num_blocks)
 
     def _answer_hellos_with_failure(self, error: str, wait_s: float) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 
 import msgspec
 
+from zllm.protocol.config import EngineArgs, ModelConfig
 from zllm.protocol.messages import AddRequest, Ready
 from zllm.protocol.pooler_config import PoolerConfig
 from zllm.protocol.pooling_params import PoolingParams
@@ -37,19 +38,29 @@ class AdmissionLimits(msgspec.Struct, frozen=True, kw_only=True):
     pooler: PoolerConfig | None = None
 
     @classmethod
-    def from_ready(cls, ready: Ready) -> AdmissionLimits:
-        config = ready.model_config
+    def of(
+        cls, args: EngineArgs, config: ModelConfig, num_kv_blocks: int, max_num_batched_tokens: int
+    ) -> AdmissionLimits:
         return cls(
             max_model_len=config.max_model_len,
             vocab_size=config.vocab_size,
-            block_size=ready.engine_args.block_size,
-            num_kv_blocks=ready.num_kv_blocks,
-            max_logprobs=ready.engine_args.max_logprobs,
-            max_num_batched_tokens=ready.max_num_batched_tokens,
+            block_size=args.block_size,
+            num_kv_blocks=num_kv_blocks,
+            max_logprobs=args.max_logprobs,
+            max_num_batched_tokens=max_num_batched_tokens,
             supported_tasks=list(config.supported_tasks),
             is_causal=config.is_causal,
             hidden_size=config.hidden_size,
             pooler=config.pooler_config,
+        )
+
+    @classmethod
+    def from_ready(cls, ready: Ready) -> AdmissionLimits:
+        return cls.of(
+            ready.engine_args,
+            ready.model_config,
+            ready.num_kv_blocks,
+            ready.max_num_batched_tokens,
         )
 
 
@@ -128,7 +139,7 @@ def request_error(add: AddRequest, limits: AdmissionLimits) -> str | None:
     if bad is not None:
         return f"prompt_token_ids[{bad}] = {ids[bad]} is outside the vocabulary [0, {vocab})"
     if (add.sampling_params is None) == (add.pooling_params is None):
-        return "a request needs either sampling_params (generate) or pooling_params (encode)"
+        return "a request needs either sampling_params or pooling_params (generate or encode)"
     if add.pooling_params is not None:
         return _pooling_error(len(ids), add.pooling_params, limits)
     return _generation_error(len(ids), add.sampling_params, limits)

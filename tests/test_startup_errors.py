@@ -150,7 +150,8 @@ def test_an_unusable_model_cache_names_zllm_cache(tmp_path, monkeypatch) -> None
     blocker.write_text("not a directory")
     monkeypatch.setenv("ZLLM_CACHE", str(blocker / "cache"))
     with pytest.raises(
-        RuntimeError, match=r"cannot write smollm2-135m-instruct to the model cache .*Set ZLLM_CACHE"
+        RuntimeError,
+        match=r"cannot write smollm2-135m-instruct to the model cache .*Set ZLLM_CACHE",
     ):
         download_default(quiet=True)
     if os.geteuid() != 0:
