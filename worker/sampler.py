@@ -39,8 +39,13 @@ class SamplerOutput:
 
 
 class Sampler:
-    def __init__(self, vocab_size: int, device: torch.device) -> None:
+    def __init__(self, vocab_size: int, device: torch.device, fused_argmax: bool = False) -> None:
         self.vocab_size = vocab_size
+        self.argmax = _torch_argmax
+        if fused_argmax:
+            from zllm.worker.kernels.argmax import argmax
+
+            self.argmax = argmax
         self.device = torch.device(device)
         self.to_device = functools.partial(to_device, device=self.device)
 
@@ -54,7 +59,7 @@ class Sampler:
 
         greedy = [p.greedy for p in params]
         if all(greedy):
-            return SamplerOutput(logits.argmax(dim=-1), raw_logprobs)
+            return SamplerOutput(self.argmax(logits), raw_logprobs)
         greedy_ids = logits.argmax(dim=-1) if any(greedy) else None
 
         temperature = self.to_device(
@@ -188,6 +193,10 @@ class Sampler:
             q[i].exponential_(generator=generator)
         # exponential_ may return exactly 0; keep p / q finite for zero-probability tokens.
         return (probs / q.clamp_(min=torch.finfo(q.dtype).tiny)).argmax(dim=-1)
+
+
+def _torch_argmax(logits: torch.Tensor) -> torch.Tensor:
+    return logits.argmax(dim=-1)
 
 
 def gather_logprobs(
