@@ -13,6 +13,7 @@ from pathlib import Path
 import msgspec
 
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
+LOAD_FORMATS = ("auto", "safetensors", "dummy")
 
 
 class EngineArgs(msgspec.Struct, kw_only=True):
@@ -34,6 +35,7 @@ class EngineArgs(msgspec.Struct, kw_only=True):
     tensor_parallel_size: int = 1
     distributed_executor_backend: str = "mp"  # "mp": one worker process per rank; "uni": in-process
     enforce_eager: bool = False
+    load_format: str = "auto"  # "auto"/"safetensors": the checkpoint; "dummy": random weights
     trust_remote_code: bool = False
     engine_core_address: str | None = (
         None  # connect to a running `zllm engine-core` instead of spawning one
@@ -56,6 +58,10 @@ class EngineArgs(msgspec.Struct, kw_only=True):
         if self.distributed_executor_backend == "uni" and self.tensor_parallel_size > 1:
             raise ValueError(
                 "distributed_executor_backend='uni' runs one rank; use 'mp' for tensor parallelism"
+            )
+        if self.load_format not in LOAD_FORMATS:
+            raise ValueError(
+                f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r}"
             )
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(

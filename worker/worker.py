@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from zllm.protocol.config import EngineArgs, ModelConfig
 from zllm.protocol.worker_messages import ExecuteModel, ModelOutput, ScheduledChunk
+from zllm.worker.layers.backend import attention_backend_name, make_attention_backend
 from zllm.worker.loader import load_model
 from zllm.worker.model_runner import ModelRunner
 
@@ -60,13 +61,38 @@ class Worker:
         # CPU ranks share the cores: split the threads rather than oversubscribe them.
         if self.device.type == "cpu" and world_size > 1:
             torch.set_num_threads(max(1, torch.get_num_threads() // world_size))
-        self.model = load_model(model_config, self.device, self.dtype, progress=rank == 0)
+        self.kernels = attention_backend_name(self.device)
+        self.model = self._load_model(progress=rank == 0)
         self.num_kv_heads = model_config.num_key_value_heads // world_size
-        self.runner = ModelRunner(self.model, model_config, self.device, engine_args.block_size)
+        attn_backend = make_attention_backend(
+            self.kernels,
+            self.device,
+            engine_args.block_size,
+            model_config.num_attention_heads // world_size,
+            self.num_kv_heads,
+            model_config.head_dim,
+            engine_args.max_num_seqs,
+            engine_args.resolved_max_num_batched_tokens(model_config.max_model_len),
+            model_config.max_model_len,
+        )
+        self.runner = ModelRunner(
+            self.model, model_config, self.device, engine_args.block_size, attn_backend
+        )
         self.num_kv_blocks = 0
         self.weights_where = "device"  # "device" | "host" (level-1 sleep) | "dropped" (level 2)
         self.host_weights: dict[str, torch.Tensor] | None = None
         self.kv_asleep = False
+
+    def _load_model(self, progress: bool) -> torch.nn.Module:
+        return load_model(
+            self.model_config,
+            self.device,
+            self.dtype,
+            progress=progress,
+            load_format=self.engine_args.load_format,
+            kernels=self.kernels,
+            seed=self.engine_args.seed,
+        )
 
     # ---- KV cache sizing -------------------------------------------------------------------------
 
@@ -159,7 +185,7 @@ class Worker:
             self.host_weights = None
             self.weights_where = "device"
         elif "weights" in tags and self.weights_where == "dropped":
-            self.model = load_model(self.model_config, self.device, self.dtype, progress=False)
+            self.model = self._load_model(progress=False)
             self.runner.model = self.model
             self.weights_where = "device"
         if "kv_cache" in tags and self.kv_asleep:
