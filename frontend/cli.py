@@ -1,4 +1,4 @@
-"""The `zllm` command: generate, chat, download-default, engine-core.
+"""The `zllm` command: generate, chat, download-default, engine-core, bench.
 
 Every `EngineArgs` field is an option (`max_num_seqs` -> `--max-num-seqs`), derived from the
 Struct itself so a new engine option shows up here without touching this file.
@@ -244,6 +244,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_engine_args(core, exclude=("engine_core_address",))
     core.set_defaults(func=cmd_engine_core)
+
+    from zllm.bench.cli import add_bench_parser
+
+    add_bench_parser(sub)
     return parser
 
 
