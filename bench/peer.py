@@ -59,9 +59,12 @@ def generate_batch(model, workload: Workload, device: str) -> dict:
     all host memory and each step gets 10x slower, so it gets 5% of it (still far more than
     this workload needs). Its own warm-up (graph capture on a GPU) is part of each call."""
     from transformers import GenerationConfig
-    from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
-    cb_config = ContinuousBatchingConfig(max_memory_percent=0.05) if device == "cpu" else None
+    cb_config = None
+    if device == "cpu":
+        from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+        cb_config = ContinuousBatchingConfig(max_memory_percent=0.05)
 
     def run(prompts: list[list[int]], new_tokens: int) -> dict:
         config = GenerationConfig(
