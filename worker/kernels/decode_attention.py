@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from zllm.worker.kernels.attention_block import attend_block
 from zllm.worker.kernels.common import (
     block,
     check_last_dim_contiguous,
@@ -89,40 +90,28 @@ def _decode_split_kernel(
     for n0 in range(start, end, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         n_mask = n < end
-        page = tl.load(table + n // PAGE_SIZE, mask=n_mask, other=0).to(tl.int64)
-        offset = n % PAGE_SIZE
-        kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(
-            K_cache
-            + page[:, None] * stride_kb
-            + offset[:, None] * stride_ks
-            + kv_head * stride_kh
-            + d[None, :],
-            mask=kv_mask,
-            other=0.0,
+        acc, m_i, l_i = attend_block(
+            q,
+            acc,
+            m_i,
+            l_i,
+            K_cache + kv_head * stride_kh,
+            V_cache + kv_head * stride_vh,
+            table,
+            n,
+            n_mask,
+            n_mask[None, :],
+            d,
+            d_mask,
+            stride_kb,
+            stride_ks,
+            stride_vb,
+            stride_vs,
+            scale_log2,
+            PAGE_SIZE,
+            DOT_PRECISION,
+            UPCAST,
         )
-        if UPCAST:
-            k = k.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
-        s = tl.where(n_mask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(
-            V_cache
-            + page[:, None] * stride_vb
-            + offset[:, None] * stride_vs
-            + kv_head * stride_vh
-            + d[None, :],
-            mask=kv_mask,
-            other=0.0,
-        )
-        p = p.to(v.dtype)
-        if UPCAST:
-            p, v = p.to(tl.float32), v.to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
-        m_i = m_new
 
     has_keys = l_i > 0.0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]

@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from zllm.worker.kernels.attention_block import attend_block
 from zllm.worker.kernels.common import (
     block,
     check_last_dim_contiguous,
@@ -85,45 +86,32 @@ def _extend_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    # Every row sees key 0 in the first block, so its running max is finite from there on.
     for n0 in range(0, kv_end, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         n_mask = n < kv_end
-        page = tl.load(table + n // PAGE_SIZE, mask=n_mask, other=0).to(tl.int64)
-        offset = n % PAGE_SIZE
-        kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(
-            K_cache
-            + page[:, None] * stride_kb
-            + offset[:, None] * stride_ks
-            + kv_head * stride_kh
-            + d[None, :],
-            mask=kv_mask,
-            other=0.0,
+        acc, m_i, l_i = attend_block(
+            q,
+            acc,
+            m_i,
+            l_i,
+            K_cache + kv_head * stride_kh,
+            V_cache + kv_head * stride_vh,
+            table,
+            n,
+            n_mask,
+            n_mask[None, :] & (n[None, :] <= positions[:, None]),
+            d,
+            d_mask,
+            stride_kb,
+            stride_ks,
+            stride_vb,
+            stride_vs,
+            scale_log2,
+            PAGE_SIZE,
+            DOT_PRECISION,
+            UPCAST,
         )
-        if UPCAST:
-            k = k.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
-        visible = n_mask[None, :] & (n[None, :] <= positions[:, None])
-        s = tl.where(visible, s, float("-inf"))
-        # Every row sees key 0 in the first tile, so m_new is finite from there on.
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(
-            V_cache
-            + page[:, None] * stride_vb
-            + offset[:, None] * stride_vs
-            + kv_head * stride_vh
-            + d[None, :],
-            mask=kv_mask,
-            other=0.0,
-        )
-        p = p.to(v.dtype)
-        if UPCAST:
-            p, v = p.to(tl.float32), v.to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
-        m_i = m_new
 
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
     tl.store(
