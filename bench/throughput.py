@@ -1,128 +1,81 @@
-"""Offline generation throughput: zllm's `LLM.generate` against transformers `generate`, same
-weights, same prompts, same lengths, in one run.
+"""`zllm bench throughput`: N random-token prompts through `LLM.generate` at once (EOS
+ignored, greedy), and optionally the same workload on transformers in the same run.
 
-    python bench/throughput.py --shape qwen2.5-0.5b --num-prompts 64 --input-len 256 --output-len 256
-
-Prints one JSON line per measurement (engine, workload, output tok/s, total tok/s).
+Throughput counts the requested tokens: output tok/s = output tokens / seconds, total tok/s
+= (prompt + output tokens) / seconds, from the first request sent to the last one done.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
-import tempfile
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from random_checkpoint import make_checkpoint  # noqa: E402
+from zllm.bench.model_source import ModelSource, default_device, default_dtype
+from zllm.bench.workload import Workload
 
 
-def run_zllm(path: str, prompts: list[list[int]], output_len: int, **engine_kwargs) -> dict:
+def run_zllm(source: ModelSource, workload: Workload, engine_kwargs: dict) -> dict:
     from zllm import LLM, SamplingParams
 
     start = time.perf_counter()
-    llm = LLM(path, skip_tokenizer_init=True, **engine_kwargs)
-    load_s = time.perf_counter() - start
-    params = SamplingParams(
-        max_tokens=output_len, temperature=0.0, ignore_eos=True, detokenize=False
+    llm = LLM(
+        source.path,
+        skip_tokenizer_init=True,
+        load_format=source.load_format,
+        seed=source.seed,
+        **engine_kwargs,
     )
-    llm.generate(
-        [{"prompt_token_ids": prompts[0]}], SamplingParams(max_tokens=4, detokenize=False)
-    )  # warm-up
-    start = time.perf_counter()
-    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
-    elapsed = time.perf_counter() - start
+    load_s = time.perf_counter() - start
+    try:
+        warm = SamplingParams(max_tokens=2, ignore_eos=True, detokenize=False)
+        llm.generate([{"prompt_token_ids": workload.prompts[0]}], warm)
+        params = [
+            SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, detokenize=False)
+            for n in workload.output_lens
+        ]
+        start = time.perf_counter()
+        outputs = llm.generate([{"prompt_token_ids": p} for p in workload.prompts], params)
+        seconds = time.perf_counter() - start
+    finally:
+        llm.shutdown()
     generated = sum(len(o.outputs[0].token_ids) for o in outputs)
-    llm.shutdown()
+    if generated != workload.output_tokens:
+        raise RuntimeError(f"zllm generated {generated} tokens, {workload.output_tokens} asked")
     return {
         "engine": "zllm",
-        "seconds": elapsed,
-        "generated": generated,
-        "load_s": load_s,
+        "seconds": seconds,
+        "load_s": round(load_s, 2),
         "first_tokens": outputs[0].outputs[0].token_ids[:8],
     }
 
 
-def run_transformers(model, prompts: list[list[int]], output_len: int, batch_size: int) -> dict:
+def run_peers(source: ModelSource, workload: Workload, peer_batch: int) -> list[dict]:
     import torch
 
-    generated = 0
-    first = None
-    torch.cuda.synchronize()
-    model.generate(
-        torch.tensor([prompts[0]], device="cuda"), max_new_tokens=4, do_sample=False
-    )  # warm-up
-    start = time.perf_counter()
-    for i in range(0, len(prompts), batch_size):
-        batch = torch.tensor(prompts[i : i + batch_size], device="cuda")
-        out = model.generate(
-            batch,
-            attention_mask=torch.ones_like(batch),
-            max_new_tokens=output_len,
-            min_new_tokens=output_len,
-            do_sample=False,
-            pad_token_id=0,
-        )
-        generated += (out.shape[1] - batch.shape[1]) * batch.shape[0]
-        if first is None:
-            first = out[0, batch.shape[1] : batch.shape[1] + 8].tolist()
-    torch.cuda.synchronize()
-    return {
-        "engine": "transformers",
-        "seconds": time.perf_counter() - start,
-        "generated": generated,
-        "first_tokens": first,
-    }
+    from zllm.bench import peer
 
-
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--shape", default="qwen2.5-0.5b")
-    parser.add_argument("--num-prompts", type=int, default=64)
-    parser.add_argument("--input-len", type=int, default=256)
-    parser.add_argument("--output-len", type=int, default=256)
-    parser.add_argument(
-        "--peer-batch",
-        type=int,
-        default=0,
-        help="transformers batch size (0: all prompts); -1: skip peer",
-    )
-    parser.add_argument("--checkpoint", default="")
-    parser.add_argument("--max-num-seqs", type=int, default=256)
-    args = parser.parse_args()
-
-    import torch
-
-    path = Path(args.checkpoint or tempfile.mkdtemp(prefix=f"zllm-{args.shape}-"))
-    model = make_checkpoint(args.shape, path)
-    g = torch.Generator().manual_seed(0)
-    prompts = torch.randint(10, 1000, (args.num_prompts, args.input_len), generator=g).tolist()
-    workload = {
-        "shape": args.shape,
-        "prompts": args.num_prompts,
-        "input_len": args.input_len,
-        "output_len": args.output_len,
-    }
-    results = []
-    if args.peer_batch >= 0:
-        peer = run_transformers(
-            model, prompts, args.output_len, args.peer_batch or args.num_prompts
-        )
-        results.append(peer)
+    device = default_device()
+    model = source.peer_model(device, default_dtype(device))
+    results = [
+        peer.generate_static(model, workload, peer_batch or len(workload.prompts), device),
+        peer.generate_batch(model, workload, device),
+    ]
     del model
-    torch.cuda.empty_cache()
-    results.append(run_zllm(str(path), prompts, args.output_len, max_num_seqs=args.max_num_seqs))
+    if device == "cuda":
+        torch.cuda.empty_cache()  # before the engine sizes its KV cache
+    return results
+
+
+def run(
+    source: ModelSource, workload: Workload, engine_kwargs: dict, peers: list[str], peer_batch: int
+) -> list[dict]:
+    """Peers first (on a GPU the engine then takes the memory they leave), then zllm."""
+    results = run_peers(source, workload, peer_batch) if "transformers" in peers else []
+    results.insert(0, run_zllm(source, workload, engine_kwargs))
     for r in results:
-        r.update(workload)
-        r["output_tok_s"] = round(r["generated"] / r["seconds"], 1)
+        r["output_tok_s"] = round(workload.output_tokens / r["seconds"], 1)
         r["total_tok_s"] = round(
-            (r["generated"] + args.num_prompts * args.input_len) / r["seconds"], 1
+            (workload.prompt_tokens + workload.output_tokens) / r["seconds"], 1
         )
-        print(json.dumps(r), flush=True)
-
-
-if __name__ == "__main__":
-    main()
+        r["requests_s"] = round(len(workload.prompts) / r["seconds"], 2)
+        r["seconds"] = round(r["seconds"], 3)
+    return results

@@ -21,6 +21,7 @@ from zllm.protocol.pooler_config import (
 from zllm.protocol.vllm_options import check_vllm_options
 
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
+LOAD_FORMATS = ("auto", "safetensors", "dummy")
 
 RUNNERS = ("auto", "generate", "pooling")
 TASKS = ("auto", "generate", "embed")
@@ -48,6 +49,7 @@ class EngineArgs(msgspec.Struct, kw_only=True):
     tensor_parallel_size: int = 1
     distributed_executor_backend: str = "mp"  # "mp": one worker process per rank; "uni": in-process
     enforce_eager: bool = False
+    load_format: str = "auto"  # "auto"/"safetensors": the checkpoint; "dummy": random weights
     trust_remote_code: bool = False
     engine_core_address: str | None = (
         None  # connect to a running `zllm engine-core` instead of spawning one
@@ -112,6 +114,10 @@ class EngineArgs(msgspec.Struct, kw_only=True):
             )
         if not self.step_timeout > 0:
             raise ValueError(f"step_timeout must be > 0 seconds, got {self.step_timeout}")
+        if self.load_format not in LOAD_FORMATS:
+            raise ValueError(
+                f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r}"
+            )
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"

@@ -53,8 +53,9 @@ TINY_SHAPES = {
 }
 
 
-def build_tiny_checkpoint(kind: str, out: Path, tokenizer_dir: str, seed: int = 0) -> Path:
-    """A random-weight checkpoint of `kind`'s shape that uses the default model's tokenizer."""
+def build_tiny_checkpoint(kind: str, out: Path, tokenizer_dir: str | None, seed: int = 0) -> Path:
+    """A random-weight checkpoint of `kind`'s shape that uses the default model's tokenizer
+    (without one: a 1000-token vocabulary and no tokenizer, for token-id prompts)."""
     import torch
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -62,9 +63,9 @@ def build_tiny_checkpoint(kind: str, out: Path, tokenizer_dir: str, seed: int = 
     spec = dict(TINY_SHAPES[kind])
     config_cls = getattr(transformers, spec.pop("cls"))
     spec.pop("model_type")
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir) if tokenizer_dir else None
     config = config_cls(
-        vocab_size=len(tokenizer),
+        vocab_size=len(tokenizer) if tokenizer else 1000,
         max_position_embeddings=1024,
         bos_token_id=1,
         eos_token_id=2,
@@ -78,7 +79,8 @@ def build_tiny_checkpoint(kind: str, out: Path, tokenizer_dir: str, seed: int = 
             if p.dim() > 1:
                 p.normal_(0, 0.08)
     model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
     return out
 
 

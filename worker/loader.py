@@ -1,8 +1,10 @@
-"""Build a model and fill it from a Hugging Face safetensors checkpoint (sharded or not)."""
+"""Build a model and fill it from a Hugging Face safetensors checkpoint (sharded or not), or
+with random weights (`load_format="dummy"`)."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -10,6 +12,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from zllm.protocol.config import ModelConfig
+from zllm.worker.dummy_weights import dummy_weights
 from zllm.worker.models import Model, model_class
 
 
@@ -25,10 +28,35 @@ def checkpoint_files(path: str) -> list[Path]:
     return files
 
 
+def safetensors_weights(
+    path: str, device: torch.device, dtype: torch.dtype, progress: bool
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Each tensor of the checkpoint (mmap'd, one at a time), on `device` in `dtype`."""
+    files = checkpoint_files(path)
+    with tqdm(
+        total=len(files), desc="Loading safetensors", unit="file", disable=not progress
+    ) as bar:
+        for file in files:
+            with safe_open(file, framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name).to(device=device, dtype=dtype)
+            bar.update(1)
+
+
 def load_model(
-    config: ModelConfig, device: torch.device, dtype: torch.dtype, progress: bool = True
+    config: ModelConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    progress: bool = True,
+    load_format: str = "auto",
+    kernels: str = "torch",
+    seed: int = 0,
 ) -> Model:
-    """Allocate the model on `device` in `dtype`, then copy each tensor in (mmap'd, one at a time)."""
+    """Allocate the model on `device` in `dtype`, then copy each tensor in.
+
+    `load_format`: "auto" / "safetensors" read the checkpoint; "dummy" draws random weights
+    on the device (`worker/dummy_weights.py`). `kernels`: "torch" or "triton" (fused layers).
+    """
     cls = model_class(config.architecture)
     if cls.is_causal != config.is_causal:  # the engine schedules by `config.is_causal`
         raise ValueError(
@@ -39,26 +67,22 @@ def load_model(
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = cls(config)
+            model = cls(config, kernels=kernels)
     finally:
         torch.set_default_dtype(previous)
     expected: set[str] = set()
     for name, _ in model.named_parameters():
         parts = len(getattr(model.get_submodule(name.rsplit(".", 1)[0]), "local_sizes", [0]))
         expected |= {name} | {f"{name}#{i}" for i in range(1, parts)}  # stacked q/k/v, gate/up
+    if load_format == "dummy":
+        weights = dummy_weights(config, device, dtype, seed)
+    else:
+        weights = safetensors_weights(config.path, device, dtype, progress)
     loaded: set[str] = set()
-    files = checkpoint_files(config.path)
-    with tqdm(
-        total=len(files), desc="Loading safetensors", unit="file", disable=not progress
-    ) as bar:
-        for file in files:
-            with safe_open(file, framework="pt", device="cpu") as f:
-                for name in f.keys():
-                    tensor = f.get_tensor(name).to(device=device, dtype=dtype)
-                    target = model.load_weight(name, tensor)
-                    if target is not None:
-                        loaded.add(target)
-            bar.update(1)
+    for name, tensor in weights:
+        target = model.load_weight(name, tensor)
+        if target is not None:
+            loaded.add(target)
     missing = sorted(expected - loaded)
     if missing:
         raise ValueError(f"checkpoint {config.path!r} lacks weights for: {', '.join(missing[:8])}")

@@ -13,6 +13,7 @@ from zllm.protocol.messages import Logprobs
 from zllm.protocol.sampling_params import SamplingParams
 from zllm.protocol.worker_messages import ExecuteModel, ModelOutput
 from zllm.worker import transfer
+from zllm.worker.layers.attention import AttentionBackend, TorchAttentionBackend
 from zllm.worker.models.interface import Model
 from zllm.worker.pooler import Pooler, PoolingChunk
 from zllm.worker.sampler import Sampler, SamplingRequest, gather_logprobs
@@ -44,14 +45,22 @@ class _PromptRows:
 
 class ModelRunner:
     def __init__(
-        self, model: Model, config: ModelConfig, device: torch.device, block_size: int
+        self,
+        model: Model,
+        config: ModelConfig,
+        device: torch.device,
+        block_size: int,
+        attn_backend: AttentionBackend | None = None,
     ) -> None:
         self.model = model
         self.config = config
         self.device = device
         self.block_size = block_size
+        self.attn_backend = attn_backend or TorchAttentionBackend(block_size, device)
         self.kv_caches: list[torch.Tensor] = []
-        self.sampler = Sampler(config.vocab_size, device)
+        self.sampler = Sampler(
+            config.vocab_size, device, fused_argmax=self.attn_backend.name == "triton"
+        )
         self.requests: dict[str, RequestState] = {}
         self.pooler = Pooler(config.pooler_config, device) if config.pooler_config else None
 
@@ -127,7 +136,7 @@ class ModelRunner:
         # Host->device copies are queued without waiting; device->host copies are queued
         # too, and complete when the sampled ids reach the host: one wait per step.
         to_device = functools.partial(transfer.to_device, device=self.device)
-        meta = self.model.attention_metadata.build(meta_chunks, self.block_size, self.device)
+        meta = self.attn_backend.build_metadata(meta_chunks)
         ids_t = to_device(input_ids, torch.long)
         pos_t = to_device(positions, torch.long)
         sample_t = to_device(sample_rows, torch.long)

@@ -39,8 +39,13 @@ class SamplerOutput:
 
 
 class Sampler:
-    def __init__(self, vocab_size: int, device: torch.device) -> None:
+    def __init__(self, vocab_size: int, device: torch.device, fused_argmax: bool = False) -> None:
         self.vocab_size = vocab_size
+        self.argmax = _torch_argmax
+        if fused_argmax:
+            from zllm.worker.kernels.argmax import argmax
+
+            self.argmax = argmax
         self.device = torch.device(device)
         self.to_device = functools.partial(to_device, device=self.device)
 
@@ -54,7 +59,7 @@ class Sampler:
 
         greedy = [p.greedy for p in params]
         if all(greedy):
-            return SamplerOutput(logits.argmax(dim=-1), raw_logprobs)
+            return SamplerOutput(self.argmax(logits), raw_logprobs)
         greedy_ids = logits.argmax(dim=-1) if any(greedy) else None
 
         temperature = self.to_device(
@@ -224,6 +229,10 @@ def _bad_word_endings(bad_words: list[list[int]] | None, output: list[int]) -> l
         if not prefix or (len(prefix) <= len(output) and output[-len(prefix) :] == prefix):
             endings.append(word[-1])
     return endings
+
+
+def _torch_argmax(logits: torch.Tensor) -> torch.Tensor:
+    return logits.argmax(dim=-1)
 
 
 def gather_logprobs(

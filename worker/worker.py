@@ -15,6 +15,8 @@ import torch.distributed as dist
 
 from zllm.protocol.config import EngineArgs, ModelConfig
 from zllm.protocol.worker_messages import ExecuteModel, ModelOutput, ScheduledChunk
+from zllm.worker.layers.backend import attention_backend_name, make_attention_backend
+from zllm.worker.layers.encoder_attention import EncoderAttentionBackend
 from zllm.worker.loader import load_model
 from zllm.worker.model_runner import ModelRunner
 from zllm.worker.profiler import WorkerProfiler
@@ -71,14 +73,42 @@ class Worker:
         # CPU ranks share the cores: split the threads rather than oversubscribe them.
         if self.device.type == "cpu" and world_size > 1:
             torch.set_num_threads(max(1, torch.get_num_threads() // world_size))
-        self.model = load_model(model_config, self.device, self.dtype, progress=rank == 0)
+        self.kernels = attention_backend_name(self.device)
+        self.model = self._load_model(progress=rank == 0)
         self.num_kv_heads = model_config.num_key_value_heads // world_size
-        self.runner = ModelRunner(self.model, model_config, self.device, engine_args.block_size)
+        attn_backend = (
+            EncoderAttentionBackend(self.device) if not self.model.uses_kv_cache else None
+        )
+        attn_backend = attn_backend or make_attention_backend(
+            self.kernels,
+            self.device,
+            engine_args.block_size,
+            model_config.num_attention_heads // world_size,
+            self.num_kv_heads,
+            model_config.head_dim,
+            engine_args.max_num_seqs,
+            engine_args.resolved_max_num_batched_tokens(model_config.max_model_len),
+            model_config.max_model_len,
+        )
+        self.runner = ModelRunner(
+            self.model, model_config, self.device, engine_args.block_size, attn_backend
+        )
         self.num_kv_blocks = 0
         self.weights_where = "device"  # "device" | "host" (level-1 sleep) | "dropped" (level 2)
         self.host_weights: dict[str, torch.Tensor] | None = None
         self.kv_asleep = False
         self.profiler = WorkerProfiler(rank, self.device)
+
+    def _load_model(self, progress: bool) -> torch.nn.Module:
+        return load_model(
+            self.model_config,
+            self.device,
+            self.dtype,
+            progress=progress,
+            load_format=self.engine_args.load_format,
+            kernels=self.kernels,
+            seed=self.engine_args.seed,
+        )
 
     # ---- KV cache sizing -------------------------------------------------------------------------
 
@@ -201,7 +231,7 @@ class Worker:
             self.host_weights = None
             self.weights_where = "device"
         elif "weights" in tags and self.weights_where == "dropped":
-            self.model = load_model(self.model_config, self.device, self.dtype, progress=False)
+            self.model = self._load_model(progress=False)
             self.runner.model = self.model
             self.weights_where = "device"
         if "kv_cache" in tags and self.kv_asleep:

@@ -1,4 +1,8 @@
-"""Paged attention in plain torch (runs on CPU and CUDA).
+"""Attention backends, and paged attention in plain torch (runs on CPU and CUDA).
+
+A backend turns a step's chunks into metadata (`build_metadata`), whose `attend` each layer
+calls. The torch backend here is the CPU default and the oracle the Triton backend
+(`worker/layers/triton_attention.py`, the CUDA default) is tested against.
 
 The KV cache of a layer is `[2, num_blocks, block_size, kv_heads, head_dim]`. Each step
 first writes the batch's new K/V into their slots, then every query attends to its own
@@ -9,11 +13,49 @@ call each, with a causal mask offset by the tokens already cached.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
 from zllm.worker.transfer import to_device
+
+# (start position, number of new tokens, block ids) of one sequence, in batch order.
+Chunk = tuple[int, int, list[int]]
+
+
+class AttentionMetadata(Protocol):
+    """One step's attention plan, shared by every layer."""
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: torch.Tensor,
+        scale: float,
+    ) -> torch.Tensor:
+        """Write k, v into `kv_cache`, then attend. q: [T, Hq, D]; k, v: [T, Hkv, D]."""
+        ...
+
+
+class AttentionBackend(Protocol):
+    name: str
+
+    def build_metadata(self, chunks: list[Chunk]) -> AttentionMetadata: ...
+
+
+class TorchAttentionBackend:
+    """Gathers each sequence's blocks and calls `scaled_dot_product_attention`."""
+
+    name = "torch"
+
+    def __init__(self, block_size: int, device: torch.device) -> None:
+        self.block_size = block_size
+        self.device = device
+
+    def build_metadata(self, chunks: list[Chunk]) -> TorchAttentionMetadata:
+        return TorchAttentionMetadata.build(chunks, self.block_size, self.device)
 
 
 @dataclass
@@ -28,7 +70,7 @@ class PrefillSeq:
 
 
 @dataclass
-class AttentionMetadata:
+class TorchAttentionMetadata:
     slot_mapping: torch.Tensor  # [T] flat slot of each new token
     decode_rows: torch.Tensor | None  # [Bd] batch rows of single-token chunks
     decode_block_table: torch.Tensor | None  # [Bd, max_blocks]
@@ -37,12 +79,8 @@ class AttentionMetadata:
 
     @classmethod
     def build(
-        cls,
-        chunks: list[tuple[int, int, list[int]]],
-        block_size: int,
-        device: torch.device,
-    ) -> AttentionMetadata:
-        """`chunks`: (start position, number of new tokens, block ids) per sequence, in batch order."""
+        cls, chunks: list[Chunk], block_size: int, device: torch.device
+    ) -> TorchAttentionMetadata:
         slots: list[int] = []
         decode_rows: list[int] = []
         decode_tables: list[list[int]] = []
@@ -85,13 +123,16 @@ class AttentionMetadata:
             prefills=prefills,
         )
 
+    def attend(self, q, k, v, kv_cache, scale) -> torch.Tensor:
+        return paged_attention(q, k, v, kv_cache, self, scale)
+
 
 def paged_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     kv_cache: torch.Tensor,
-    meta: AttentionMetadata,
+    meta: TorchAttentionMetadata,
     scale: float,
 ) -> torch.Tensor:
     """q: [T, Hq, D]; k, v: [T, Hkv, D]. Returns [T, Hq, D]."""

@@ -15,6 +15,18 @@ import torch.nn.functional as F
 from zllm.worker.transfer import to_device
 
 
+class EncoderAttentionBackend:
+    """The attention backend of encoders (`worker/layers/attention.py`'s interface)."""
+
+    name = "encoder"
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def build_metadata(self, chunks: list[tuple[int, int, list[int]]]) -> EncoderAttentionMetadata:
+        return EncoderAttentionMetadata.build(chunks, self.device)
+
+
 @dataclass
 class EncoderAttentionMetadata:
     num_seqs: int
@@ -24,7 +36,7 @@ class EncoderAttentionMetadata:
 
     @classmethod
     def build(
-        cls, chunks: list[tuple[int, int, list[int]]], block_size: int, device: torch.device
+        cls, chunks: list[tuple[int, int, list[int]]], device: torch.device
     ) -> EncoderAttentionMetadata:
         """`chunks`: (start position, number of tokens, block ids) per sequence; block ids
         are unused (nothing is cached)."""

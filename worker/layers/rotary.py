@@ -1,4 +1,5 @@
-"""Rotary position embeddings (rotate-half layout) with the config's theta and scaling."""
+"""Rotary position embeddings (rotate-half layout) with the config's theta and scaling;
+in place, in one Triton kernel, when `fused`."""
 
 from __future__ import annotations
 
@@ -32,9 +33,15 @@ def inverse_frequencies(head_dim: int, theta: float, scaling: dict | None) -> to
 
 class RotaryEmbedding(nn.Module):
     def __init__(
-        self, head_dim: int, max_positions: int, theta: float, scaling: dict | None
+        self,
+        head_dim: int,
+        max_positions: int,
+        theta: float,
+        scaling: dict | None,
+        fused: bool = False,
     ) -> None:
         super().__init__()
+        self.fused = fused
         inv_freq = inverse_frequencies(head_dim, theta, scaling)
         t = torch.arange(max_positions, dtype=torch.float32)
         freqs = torch.outer(t, inv_freq)
@@ -45,7 +52,12 @@ class RotaryEmbedding(nn.Module):
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: [T, Hq, D], k: [T, Hk, D], positions: [T]."""
+        """q: [T, Hq, D], k: [T, Hk, D], positions: [T]. Fused: rotated in place."""
+        if self.fused:
+            from zllm.worker.kernels.rotary import apply_rotary_
+
+            apply_rotary_(positions, q, k, self.cos, self.sin)
+            return q, k
         cos = self.cos[positions].unsqueeze(1).to(q.dtype)
         sin = self.sin[positions].unsqueeze(1).to(q.dtype)
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin

@@ -116,14 +116,14 @@ class BertEncoder(nn.Module):
 class BertModel(Model):
     is_causal = False
     uses_kv_cache = False
-    attention_metadata = EncoderAttentionMetadata
     stacked = {
         "attention.self.query": ("attention.qkv_proj", 0),
         "attention.self.key": ("attention.qkv_proj", 1),
         "attention.self.value": ("attention.qkv_proj", 2),
     }
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, kernels: str = "torch") -> None:
+        # `kernels` picks fused decoder layers; BERT's layers are plain torch on every backend.
         super().__init__()
         self.config = config
         self.embeddings = BertEmbeddings(config)

@@ -23,9 +23,6 @@ class Model(nn.Module, ABC):
     is_causal: ClassVar[bool]
     # Keeps K/V in the paged cache between steps (False: attention within the step only).
     uses_kv_cache: ClassVar[bool]
-    # Builds a step's attention inputs: `build(chunks, block_size, device)`, where `chunks`
-    # is (start position, number of new tokens, block ids) per sequence, in batch order.
-    attention_metadata: ClassVar[Any]
     # checkpoint name fragment -> (our parameter fragment, part index in a stacked layer)
     stacked: ClassVar[dict[str, tuple[str, int]]] = {}
 

@@ -1,9 +1,10 @@
 """The Llama family: Llama, Mistral, Qwen2 (qkv bias), Qwen3 (q/k norm); tied or untied embeddings.
 
 Tokens of all sequences in a step are one flat batch `[T, hidden]`; attention finds each
-sequence's context through `AttentionMetadata` and the paged KV cache. The LM head is built
-only when the engine generates: an embedding engine (or a `*Model` checkpoint, which has no
-head) pools the hidden states.
+sequence's context through the attention metadata and the paged KV cache. `kernels="triton"`
+runs the fused layers (RMSNorm + residual add, in-place rotary, SiLU·mul) as Triton kernels.
+The LM head is built only when the engine generates: an embedding engine (or a `*Model`
+checkpoint, which has no head) pools the hidden states.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import torch
 from torch import nn
 
 from zllm.protocol.config import ModelConfig
-from zllm.worker.layers.attention import AttentionMetadata, paged_attention
+from zllm.worker.layers.attention import AttentionMetadata
 from zllm.worker.layers.linear import ColumnParallelLinear, RowParallelLinear, tp_size
 from zllm.worker.layers.norm import RMSNorm
 from zllm.worker.layers.rotary import RotaryEmbedding
@@ -20,7 +21,7 @@ from zllm.worker.models.interface import Model
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding) -> None:
+    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, fused: bool) -> None:
         super().__init__()
         size = tp_size()
         if config.num_attention_heads % size or config.num_key_value_heads % size:
@@ -40,8 +41,8 @@ class Attention(nn.Module):
         self.o_proj = RowParallelLinear(q_size, config.hidden_size)
         self.rotary = rotary
         if config.qk_norm:
-            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
-            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, fused)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, fused)
         else:
             self.q_norm = self.k_norm = None
 
@@ -67,59 +68,77 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(positions, q, k)
-        o = paged_attention(q, k, v, kv_cache, meta, self.scale)
+        o = meta.attend(q, k, v, kv_cache, self.scale)
         return self.o_proj(o.reshape(t, -1))
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, fused: bool) -> None:
         super().__init__()
+        self.fused = fused
         self.gate_up_proj = ColumnParallelLinear(
             config.hidden_size, [config.intermediate_size, config.intermediate_size], bias=False
         )
         self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if self.fused:
+            from zllm.worker.kernels.activation import silu_and_mul
+
+            return self.down_proj(silu_and_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(nn.functional.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding) -> None:
+    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, fused: bool) -> None:
         super().__init__()
-        self.self_attn = Attention(config, rotary)
-        self.mlp = MLP(config)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, rotary, fused)
+        self.mlp = MLP(config, fused)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, fused)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, fused)
 
     def forward(
         self,
         x: torch.Tensor,
+        residual: torch.Tensor | None,
         positions: torch.Tensor,
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
-    ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (this layer's MLP output, the residual stream before it): the next norm
+        adds the two, fused with its normalisation."""
+        if residual is None:
+            residual = x
+            h = self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(h, positions, kv_cache, meta)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, fused: bool) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         rotary = RotaryEmbedding(
-            config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling
+            config.head_dim,
+            config.max_position_embeddings,
+            config.rope_theta,
+            config.rope_scaling,
+            fused,
         )
         self.layers = nn.ModuleList(
-            [DecoderLayer(config, rotary) for _ in range(config.num_hidden_layers)]
+            [DecoderLayer(config, rotary, fused) for _ in range(config.num_hidden_layers)]
         )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, fused)
 
 
 class LlamaForCausalLM(Model):
     is_causal = True
     uses_kv_cache = True
-    attention_metadata = AttentionMetadata
     stacked = {
         "q_proj": ("qkv_proj", 0),
         "k_proj": ("qkv_proj", 1),
@@ -128,10 +147,10 @@ class LlamaForCausalLM(Model):
         "up_proj": ("gate_up_proj", 1),
     }
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, kernels: str = "torch") -> None:
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config)
+        self.model = LlamaModel(config, fused=kernels == "triton")
         self.generates = "generate" in config.supported_tasks
         if config.tie_word_embeddings or not self.generates:
             self.lm_head = None
@@ -153,9 +172,10 @@ class LlamaForCausalLM(Model):
     ) -> torch.Tensor:
         """Hidden states `[T, hidden]` after the final norm."""
         x = self.model.embed_tokens(input_ids)
+        residual = None
         for layer, kv_cache in zip(self.model.layers, kv_caches):
-            x = layer(x, positions, kv_cache, meta)
-        return self.model.norm(x)
+            x, residual = layer(x, residual, positions, kv_cache, meta)
+        return self.model.norm(x, residual)[0]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if not self.generates:

@@ -1,0 +1,190 @@
+"""The `zllm bench` subcommands: throughput, latency, profile (the `zllm` CLI only dispatches
+here). Each prints a table, or one JSON document with `--json`."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from zllm.bench.shapes import SHAPES
+
+# Before torch loads (OpenMP reads it then): the peer and the in-process profile run with the
+# same sleeping OpenMP waits as the engine's processes (`protocol/process.py`), or busy-waiting
+# threads on a shared CPU would make them 10x slower than they are.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+# Engine options a benchmark decides itself.
+_FIXED = ("model", "tokenizer", "load_format", "skip_tokenizer_init", "seed", "engine_core_address")
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    from zllm.frontend.cli import add_engine_args
+
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--shape", choices=sorted(SHAPES), help="random weights of a named shape")
+    what.add_argument("--model", help="a checkpoint directory")
+    parser.add_argument("--seed", type=int, default=0, help="weights and prompts")
+    parser.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    add_engine_args(parser, exclude=_FIXED)
+
+
+def _peer(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--peer",
+        action="append",
+        default=[],
+        choices=["transformers"],
+        help="also run the workload on this engine, in the same process run",
+    )
+
+
+def add_bench_parser(sub) -> None:
+    bench = sub.add_parser("bench", help="benchmarks: throughput, latency, profile")
+    kinds = bench.add_subparsers(dest="bench_command", required=True)
+
+    tp = kinds.add_parser("throughput", help="N random prompts at once (offline throughput)")
+    _common(tp)
+    _peer(tp)
+    tp.add_argument("--num-prompts", type=int, default=256)
+    tp.add_argument("--input-len", default="32:128", help="N or LOW:HIGH (uniform)")
+    tp.add_argument("--output-len", default="128", help="N or LOW:HIGH (uniform)")
+    tp.add_argument("--peer-batch", type=int, default=64, help="transformers generate batch")
+    tp.set_defaults(func=cmd_throughput)
+
+    lat = kinds.add_parser("latency", help="time to first token and decode speed per batch size")
+    _common(lat)
+    _peer(lat)
+    lat.add_argument("--batch-sizes", default="1,4,16", help="comma-separated")
+    lat.add_argument("--input-len", type=int, default=128)
+    lat.add_argument("--output-len", type=int, default=128)
+    lat.set_defaults(func=cmd_latency)
+
+    prof = kinds.add_parser("profile", help="one steady decode step: wall vs kernel time")
+    _common(prof)
+    prof.add_argument("--batch", type=int, default=1)
+    prof.add_argument("--context-len", type=int, default=128)
+    prof.add_argument("--steps", type=int, default=20)
+    prof.set_defaults(func=cmd_profile)
+
+
+def _engine_kwargs(ns: argparse.Namespace) -> dict:
+    import msgspec
+
+    from zllm.protocol.config import EngineArgs
+
+    names = {f.name for f in msgspec.structs.fields(EngineArgs)} - set(_FIXED)
+    return {k: v for k, v in vars(ns).items() if k in names}
+
+
+def _source(ns: argparse.Namespace):
+    from zllm.bench.model_source import ModelSource
+
+    return ModelSource.from_args(ns.shape, ns.model, ns.seed)
+
+
+def _header(ns: argparse.Namespace, source) -> dict:
+    import torch
+
+    from zllm.bench.model_source import default_device
+    from zllm.worker.layers.backend import attention_backend_name
+
+    if torch.cuda.is_available():
+        device = torch.cuda.get_device_name()
+    else:
+        device = f"CPU ({os.cpu_count()} cores)"
+    return {
+        "bench": ns.bench_command,
+        "date": datetime.date.today().isoformat(),
+        "commit": _commit(),
+        "command": "zllm " + " ".join(sys.argv[1:]),
+        "device": device,
+        "model": source.name,
+        "attention_backend": attention_backend_name(torch.device(default_device())),
+    }
+
+
+def _commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+    except OSError:
+        return None
+    return out.stdout.strip() or None
+
+
+def _print(doc: dict, as_json: bool, columns: list[str]) -> None:
+    if as_json:
+        print(json.dumps(doc), flush=True)
+        return
+    for key, value in doc.items():
+        if key != "results":
+            print(f"{key}: {value}")
+    rows = [[str(r.get(c, "")) for c in columns] for r in doc["results"]]
+    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    for r in rows:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths)))
+
+
+def cmd_throughput(ns: argparse.Namespace) -> int:
+    from zllm.bench import throughput
+    from zllm.bench.workload import parse_length, random_workload
+
+    input_len, output_len = parse_length(ns.input_len), parse_length(ns.output_len)
+    source = _source(ns)
+    workload = random_workload(ns.num_prompts, input_len, output_len, source.vocab_size(), ns.seed)
+    results = throughput.run(source, workload, _engine_kwargs(ns), ns.peer, ns.peer_batch)
+    doc = {**_header(ns, source), "workload": workload.describe(), "results": results}
+    columns = ["engine", "output_tok_s", "total_tok_s", "requests_s", "seconds", "first_tokens"]
+    _print(doc, ns.json, columns)
+    return 0
+
+
+def cmd_latency(ns: argparse.Namespace) -> int:
+    from zllm.bench import latency
+
+    try:
+        batches = [int(b) for b in ns.batch_sizes.split(",")]
+    except ValueError:
+        raise ValueError(f"--batch-sizes {ns.batch_sizes!r}: comma-separated integers") from None
+    source = _source(ns)
+    args = (source, batches, ns.input_len, ns.output_len)
+    results = latency.run_zllm(*args, _engine_kwargs(ns))
+    if "transformers" in ns.peer:
+        results += latency.run_peer(*args)
+    doc = {
+        **_header(ns, source),
+        "workload": {"input_len": ns.input_len, "output_len": ns.output_len},
+        "results": results,
+    }
+    columns = [
+        "engine",
+        "batch",
+        "ttft_ms",
+        "ms_per_token",
+        "decode_tok_s_per_stream",
+        "decode_tok_s",
+    ]
+    _print(doc, ns.json, columns)
+    return 0
+
+
+def cmd_profile(ns: argparse.Namespace) -> int:
+    from zllm.bench import profile
+
+    source = _source(ns)
+    result = profile.run(source, ns.batch, ns.context_len, ns.steps, _engine_kwargs(ns))
+    doc = {**_header(ns, source), "results": [result]}
+    columns = ["wall_ms", "kernel_ms", "kernels_per_step", "busy_share", "measured"]
+    _print(doc, ns.json, columns)
+    return 0

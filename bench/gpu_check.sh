@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Everything about the GPU fast path that only a GPU can check, logs under $OUT (default
+# ./gpu-check-logs). Run from the repository root on the GPU machine, after carrying the
+# wheels bench/device_setup.sh installs (.whl/: msgspec, pyzmq for its Python):
+#
+#   bash bench/gpu_check.sh                 # every stage, in order (about 10-15 minutes)
+#   bash bench/gpu_check.sh tests parity    # some stages (one device call is 10 minutes at most)
+#
+# Stages:
+#   tests    the kernel tests natively on CUDA (tests/test_triton_kernels.py: attention vs
+#            the torch path, bf16/fp16/fp32, GQA 1/4/7/8, holes, prefix hits, chunked
+#            prefill, split decode; fused layers) and a whole model, torch path vs Triton
+#            path, token for token in float32 (tests/test_triton_model.py)
+#   parity   float32 greedy parity with transformers on CUDA (bench/gpu_parity.py), Triton
+#            path (the CUDA default), then the torch path
+#   latency  Llama-3.1-8B, batch 1, 128 in / 512 out (bar: >= 160 output tok/s)
+#   8b       Llama-3.1-8B, 1000 prompts x 256 in / 256 out (bar: >= 22,700 total tok/s)
+#   qwen     Qwen2.5-0.5B, 256 prompts, 64-512 in / 256 out, with transformers generate and
+#            generate_batch in the same run (bar: >= 20x generate_batch)
+#   profile  steady decode: Llama-3.1-8B batch 64 (bar: GPU busy >= 90%), Qwen2.5-0.5B
+#            batch 1 (bar: wall <= 1.5x kernel time); each also with the torch backend
+# Every figure is a JSON line in $OUT/<stage>.jsonl, the full output in $OUT/<stage>.log.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu-check-logs}
+mkdir -p "$OUT"
+if ! python3 -c "import msgspec, zmq" 2>/dev/null; then
+    source bench/device_setup.sh
+else
+    python3 -m pip install -q --no-deps --no-build-isolation --no-compile --target /tmp/site . \
+        && export PYTHONPATH=/tmp/site
+fi
+export PYTHONUNBUFFERED=1
+ZLLM=(python3 -m zllm.frontend.cli)
+stages=("$@")
+[ ${#stages[@]} -eq 0 ] && stages=(tests parity latency 8b qwen profile)
+
+run() {  # run STAGE CMD...: output to $OUT/STAGE.log, JSON lines to $OUT/STAGE.jsonl
+    local stage=$1; shift
+    echo "== $stage: $*" | tee -a "$OUT/$stage.log"
+    "$@" 2>&1 | tee -a "$OUT/$stage.log" | grep '^{' >> "$OUT/$stage.jsonl"
+    echo "== $stage exit ${PIPESTATUS[0]}" | tee -a "$OUT/$stage.log"
+}
+
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; git log -1 --oneline; \
+  python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"; \
+} > "$OUT/env.txt" 2>&1
+
+for stage in "${stages[@]}"; do
+    case $stage in
+    tests)
+        run tests python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py \
+            tests/test_triton_model.py tests/test_dummy_weights.py ;;
+    parity)
+        run parity python3 bench/gpu_parity.py
+        ZLLM_ATTENTION_BACKEND=torch run parity python3 bench/gpu_parity.py ;;
+    latency)
+        run latency "${ZLLM[@]}" bench latency --shape llama-3.1-8b --batch-sizes 1 \
+            --input-len 128 --output-len 512 --json ;;
+    8b)
+        run 8b "${ZLLM[@]}" bench throughput --shape llama-3.1-8b --num-prompts 1000 \
+            --input-len 256 --output-len 256 --json ;;
+    qwen)
+        run qwen "${ZLLM[@]}" bench throughput --shape qwen2.5-0.5b --num-prompts 256 \
+            --input-len 64:512 --output-len 256 --peer transformers --json ;;
+    profile)
+        for backend in triton torch; do
+            ZLLM_ATTENTION_BACKEND=$backend run profile "${ZLLM[@]}" bench profile \
+                --shape llama-3.1-8b --batch 64 --context-len 256 --json
+            ZLLM_ATTENTION_BACKEND=$backend run profile "${ZLLM[@]}" bench profile \
+                --shape qwen2.5-0.5b --batch 1 --context-len 128 --json
+        done ;;
+    *) echo "unknown stage $stage" >&2; exit 2 ;;
+    esac
+done

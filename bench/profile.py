@@ -1,0 +1,115 @@
+"""`zllm bench profile`: one steady decode step inside a worker (no processes, no IPC).
+
+A worker is built in this process, `batch` sequences are prefilled, then decode steps run:
+first timed alone (the median is the wall time; a step ends with its sampled ids on the
+host, so it includes the device), then under `torch.profiler` for the kernel time (the union of GPU kernel intervals), kernels
+launched, and the GPU-busy share (kernel time / wall time). Without a GPU there are no
+kernels: it reports the CPU time spent inside top-level torch ops, their count, and their
+share of the profiled steps' wall time (op times include the profiler's overhead), and
+says so (`"measured"`).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from zllm.bench.model_source import ModelSource
+
+
+def _union_us(intervals: list[tuple[float, float]]) -> float:
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
+
+
+def run(source: ModelSource, batch: int, context_len: int, steps: int, engine_kwargs: dict) -> dict:
+    from zllm.protocol.config import EngineArgs, ModelConfig
+    from zllm.protocol.sampling_params import SamplingParams
+    from zllm.protocol.worker_messages import ExecuteModel, NewRequest, ScheduledChunk
+    from zllm.worker.worker import Worker
+
+    args = EngineArgs(
+        model=source.path, load_format=source.load_format, seed=source.seed, **engine_kwargs
+    )
+    config = ModelConfig.from_path(source.path, max_model_len=args.max_model_len)
+    worker = Worker(args, config)
+    bs = args.block_size
+    warmup = 3
+    per_seq = -(-(context_len + warmup + 2 * steps + 1) // bs)
+    worker.init_kv_cache(batch * per_seq)
+    tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(batch)]
+    params = SamplingParams(max_tokens=1 << 20, temperature=0.0, ignore_eos=True)
+    prompts = [[10 + (i + j) % 1000 for j in range(context_len)] for i in range(batch)]
+    keys = [f"profile-{i}" for i in range(batch)]
+    out = worker.execute_model(
+        ExecuteModel(
+            new_requests=[
+                NewRequest(request_id=k, prompt_token_ids=p, sampling_params=params)
+                for k, p in zip(keys, prompts)
+            ],
+            chunks=[
+                ScheduledChunk(request_id=k, token_ids=p, start=0, block_ids=t, sample=True)
+                for k, p, t in zip(keys, prompts, tables)
+            ],
+            finished_request_ids=[],
+        )
+    )
+    last = out.sampled_token_ids
+    position = context_len
+
+    def step() -> float:
+        nonlocal last, position
+        chunks = [
+            ScheduledChunk(request_id=k, token_ids=[t], start=position, block_ids=tbl, sample=True)
+            for k, t, tbl in zip(keys, last, tables)
+        ]
+        start = time.perf_counter()
+        last = worker.execute_model(
+            ExecuteModel(new_requests=[], chunks=chunks, finished_request_ids=[])
+        ).sampled_token_ids
+        position += 1
+        return time.perf_counter() - start
+
+    for _ in range(warmup):
+        step()
+    # Wall time without the profiler (its per-op bookkeeping costs host time), then the same
+    # number of steps under it for the kernels.
+    wall_us = 1e6 * statistics.median(step() for _ in range(steps))
+    cuda = worker.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        profiled_wall_us = 1e6 * statistics.mean(step() for _ in range(steps))
+    events = prof.events()
+    if cuda:
+        kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+        busy_us = _union_us([(e.time_range.start, e.time_range.end) for e in kernels]) / steps
+        what = "GPU kernels"
+        wall_for_share = wall_us  # kernel durations do not change under the profiler
+    else:
+        kernels = [e for e in events if e.cpu_parent is None and "::" in e.name]
+        busy_us = _union_us([(e.time_range.start, e.time_range.end) for e in kernels]) / steps
+        what = "CPU time inside top-level torch ops (no GPU: no kernel time)"
+        # Op times carry the profiler's own overhead: compare them with profiled steps.
+        wall_for_share = profiled_wall_us
+    return {
+        "shape": source.name,
+        "device": str(worker.device),
+        "dtype": str(worker.dtype).removeprefix("torch."),
+        "attention_backend": worker.kernels,
+        "batch": batch,
+        "context_len": context_len,
+        "steps": steps,
+        "wall_ms": round(wall_us / 1000, 3),
+        "kernel_ms": round(busy_us / 1000, 3),
+        "kernels_per_step": round(len(kernels) / steps, 1),
+        "profiled_wall_ms": round(profiled_wall_us / 1000, 3),
+        "busy_share": round(busy_us / wall_for_share, 3),
+        "measured": what,
+    }

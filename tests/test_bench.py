@@ -1,0 +1,70 @@
+"""`zllm bench` at a tiny size: the commands run end to end and their JSON has the fields
+RESULTS.md is built from (the speed is not checked here)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+ZLLM = [sys.executable, "-m", "zllm.frontend.cli"]
+ENGINE = ["--distributed-executor-backend", "uni", "--max-model-len", "256"]
+HEADER = {"bench", "date", "commit", "command", "device", "model", "attention_backend"}
+
+
+def bench(*args: str) -> dict:
+    env = {**os.environ, "ZLLM_LOG_LEVEL": "WARNING"}
+    out = subprocess.run(
+        [*ZLLM, "bench", *args, "--json"], capture_output=True, text=True, timeout=240, env=env
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    doc = json.loads(out.stdout.strip().splitlines()[-1])
+    assert HEADER <= doc.keys()
+    return doc
+
+
+def test_throughput_with_peers():
+    doc = bench(
+        "throughput", "--shape", "tiny", "--num-prompts", "6", "--input-len", "8:24",
+        "--output-len", "4", "--peer", "transformers", "--peer-batch", "3", *ENGINE,
+    )  # fmt: skip
+    assert doc["workload"]["requests"] == 6 and doc["workload"]["output_tokens"] == 24
+    engines = [r["engine"] for r in doc["results"]]
+    assert engines == ["zllm", "transformers generate (batch 3)", "transformers generate_batch"]
+    for r in doc["results"]:
+        assert r["output_tok_s"] > 0 and r["total_tok_s"] > r["output_tok_s"] and r["seconds"] > 0
+    # The same weights and greedy decoding: the first prompt's tokens agree across engines.
+    assert len({tuple(r["first_tokens"]) for r in doc["results"]}) == 1
+
+
+def test_latency():
+    doc = bench(
+        "latency", "--shape", "tiny", "--batch-sizes", "1,2", "--input-len", "8",
+        "--output-len", "4", *ENGINE,
+    )  # fmt: skip
+    assert [r["batch"] for r in doc["results"]] == [1, 2]
+    for r in doc["results"]:
+        assert r["ttft_ms"] > 0 and r["decode_tok_s"] > 0 and r["ms_per_token"] > 0
+
+
+def test_profile():
+    doc = bench("profile", "--shape", "tiny", "--batch", "2", "--context-len", "16", "--steps", "3")
+    (r,) = doc["results"]
+    assert r["wall_ms"] > 0 and r["kernels_per_step"] > 0 and 0 < r["busy_share"]
+    assert "CPU" in r["measured"] or r["device"].startswith("cuda")
+
+
+def test_bad_arguments_name_the_option():
+    out = subprocess.run(
+        [*ZLLM, "bench", "throughput", "--shape", "tiny", "--input-len", "9:3"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 1 and "9:3" in out.stderr
+
+
+def test_shape_or_model_is_required():
+    out = subprocess.run([*ZLLM, "bench", "latency"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "--shape" in out.stderr

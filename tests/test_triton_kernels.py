@@ -1,0 +1,159 @@
+"""The Triton kernels equal the torch path, through Triton's interpreter on the CPU
+(`TRITON_INTERPRET=1`, tiny shapes) or natively on a GPU.
+
+Outputs and caches start as NaN, so an element a kernel forgets to write fails the test.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("triton is not installed", allow_module_level=True)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu":  # before triton is imported: its own @jit helpers read it then
+    os.environ["TRITON_INTERPRET"] = "1"
+
+from kernel_cases import Case, random_case, run_case  # noqa: E402
+
+from zllm.worker.layers.rotary import RotaryEmbedding  # noqa: E402
+
+TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
+SMALL_BLOCKS = dict(block_m=16, block_n=16)  # several tiles and key blocks at tiny sizes
+
+
+def check(result: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+    tol = TOL[dtype]
+    out, expected = result["out"], result["expected"]
+    assert not out.isnan().any(), "attention left rows unwritten"
+    torch.testing.assert_close(out, expected, atol=tol, rtol=tol)
+    cache, expected_cache = result["cache"], result["expected_cache"]
+    written = result["written"]
+    # Every slot of every context holds its K/V; nothing outside them was touched.
+    assert torch.equal(~cache.isnan(), written)
+    torch.testing.assert_close(cache[written], expected_cache[written], atol=tol, rtol=tol)
+
+
+# (query heads, KV heads): GQA ratios 1, 4, 7, 8.
+GQA = [(4, 4), (8, 2), (7, 1), (16, 2)]
+
+
+@pytest.mark.parametrize(
+    "heads,head_dim,dtype",
+    [
+        (GQA[0], 64, torch.float32),
+        (GQA[1], 128, torch.bfloat16),
+        (GQA[2], 64, torch.float16),
+        (GQA[3], 128, torch.float32),
+        (GQA[0], 128, torch.bfloat16),
+        (GQA[1], 64, torch.float32),
+        (GQA[2], 128, torch.bfloat16),
+        (GQA[3], 64, torch.float16),
+    ],
+)
+def test_mixed_batch(heads, head_dim, dtype):
+    """Decodes, fresh prompts, prefix hits and chunked-prefill chunks in one step."""
+    seed = heads[0] * 1000 + head_dim
+    case = random_case(seed, *heads, head_dim, dtype, kinds="dpxcdd")
+    check(run_case(case, DEVICE, **SMALL_BLOCKS), dtype)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_split_decode(seed):
+    """Long contexts split across programs and merged; some splits of short ones are empty."""
+    case = random_case(seed, 8, 2, 64, torch.float32, kinds="dddd", max_len=150)
+    result = run_case(case, DEVICE, split_min_tokens=16, target_programs=1024, **SMALL_BLOCKS)
+    assert result["num_splits"] > 1
+    check(result, torch.float32)
+
+
+@pytest.mark.parametrize("block_size", [1, 8, 32])
+def test_page_sizes(block_size):
+    case = random_case(7, 4, 2, 64, torch.bfloat16, kinds="pxd", block_size=block_size)
+    check(run_case(case, DEVICE, **SMALL_BLOCKS), torch.bfloat16)
+
+
+def test_default_blocks_and_single_kinds():
+    """The GPU block shapes (64 x 64), and steps of only one kind (the other launches empty)."""
+    for kinds in ("p", "d", "x"):
+        case = random_case(3, 8, 2, 128, torch.bfloat16, kinds=kinds * 2, max_len=100)
+        check(run_case(case, DEVICE), torch.bfloat16)
+
+
+def test_one_token_prompt_and_exact_block_edges():
+    case = Case([(0, 1), (0, 16), (16, 16), (31, 1)], 4, 2, 64, torch.float32)
+    check(run_case(case, DEVICE, **SMALL_BLOCKS), torch.float32)
+
+
+# ---- fused layers --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("size", [64, 96])
+def test_rms_norm(dtype, size):
+    from zllm.worker.kernels.rms_norm import rms_norm
+    from zllm.worker.layers.norm import RMSNorm
+
+    g = torch.Generator().manual_seed(size)
+    norm = RMSNorm(size, 1e-6).to(dtype)
+    norm.weight.data = torch.randn(size, generator=g).to(dtype)
+    x = torch.randn(5, size, generator=g).to(dtype)
+    residual = torch.randn(5, size, generator=g).to(dtype)
+    expected_sum = x + residual
+    tol = TOL[dtype]
+    dev = lambda t: t.to(DEVICE)  # noqa: E731
+    torch.testing.assert_close(
+        rms_norm(dev(x), dev(norm.weight), 1e-6).cpu(), norm(x), atol=tol, rtol=tol
+    )
+    r = dev(residual.clone())
+    out = rms_norm(dev(x), dev(norm.weight), 1e-6, residual=r)
+    torch.testing.assert_close(r.cpu(), expected_sum, atol=tol, rtol=tol)
+    torch.testing.assert_close(out.cpu(), norm(expected_sum), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_in_place(dtype):
+    from zllm.worker.kernels.rotary import apply_rotary_
+
+    g = torch.Generator().manual_seed(1)
+    rotary = RotaryEmbedding(64, 256, 10000.0, None)
+    hq, hk, d, t = 7, 1, 64, 6
+    qkv = torch.randn(t, (hq + 2 * hk) * d, generator=g).to(dtype)  # strided views, as in a layer
+    q, k, _ = qkv.split([hq * d, hk * d, hk * d], dim=-1)
+    q, k = q.view(t, hq, d), k.view(t, hk, d)
+    positions = torch.tensor([0, 5, 17, 100, 255, 3])
+    expected_q, expected_k = rotary(positions, q.float(), k.float())
+    qkv_dev = qkv.to(DEVICE)
+    q2, k2, v2 = qkv_dev.split([hq * d, hk * d, hk * d], dim=-1)
+    q2, k2 = q2.view(t, hq, d), k2.view(t, hk, d)
+    apply_rotary_(positions.to(DEVICE), q2, k2, rotary.cos.to(DEVICE), rotary.sin.to(DEVICE))
+    tol = TOL[dtype]
+    torch.testing.assert_close(q2.cpu().float(), expected_q, atol=tol, rtol=tol)
+    torch.testing.assert_close(k2.cpu().float(), expected_k, atol=tol, rtol=tol)
+    assert torch.equal(v2.cpu(), qkv[:, (hq + hk) * d :])  # v untouched
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_and_mul(dtype):
+    from zllm.worker.kernels.activation import silu_and_mul
+
+    x = torch.randn(3, 2 * 1100, generator=torch.Generator().manual_seed(2)).to(dtype)
+    gate, up = x.chunk(2, dim=-1)
+    expected = torch.nn.functional.silu(gate) * up
+    tol = TOL[dtype]
+    torch.testing.assert_close(silu_and_mul(x.to(DEVICE)).cpu(), expected, atol=tol, rtol=tol)
+
+
+def test_argmax():
+    from zllm.worker.kernels.argmax import argmax
+
+    g = torch.Generator().manual_seed(3)
+    for vocab in (1000, 9000):
+        logits = torch.randn(4, vocab, generator=g)
+        logits[1, 7] = logits[1, vocab - 5] = 50.0  # a tie across chunks: the first index wins
+        logits[2, -1] = 60.0
+        assert torch.equal(argmax(logits.to(DEVICE)).cpu(), logits.argmax(dim=-1))

@@ -1,0 +1,207 @@
+"""The Triton attention backend (the CUDA default): three kernels per layer and step.
+
+Per layer: `store_kv_cache`, one extend launch for every chunk of more than one token, and
+the two decode launches (split + merge) for every single-token chunk; a phase with nothing
+to do launches an empty grid. The step's metadata lives in device buffers allocated once
+at their largest (`max_num_seqs`, `max_num_batched_tokens`, blocks for `max_model_len`) and
+filled in place from one pinned host tensor: the kernels always read the same addresses,
+which is what capturing a decode step in a CUDA graph needs (not done yet: a captured step
+would also fix `num_decodes` and `num_splits` to the graph's padded batch and pad
+`slot_mapping` with -1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from zllm.worker.kernels.decode_attention import decode_attention
+from zllm.worker.kernels.extend_attention import extend_attention
+from zllm.worker.kernels.kv_cache import store_kv_cache
+from zllm.worker.layers.attention import Chunk
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class TritonAttentionBackend:
+    name = "triton"
+
+    def __init__(
+        self,
+        device: torch.device,
+        block_size: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        max_model_len: int,
+        *,
+        block_m: int = 64,
+        block_n: int = 64,
+        max_splits: int = 16,
+        split_min_tokens: int = 256,
+        target_programs: int | None = None,
+    ) -> None:
+        """`split_min_tokens`: the shortest context slice one decode program takes;
+        `target_programs`: enough decode programs to fill the device (default: 2 per SM)."""
+        if max_splits & (max_splits - 1):
+            raise ValueError(f"max_splits must be a power of two, got {max_splits}")
+        if num_heads % num_kv_heads:
+            raise ValueError(f"{num_heads} query heads do not group over {num_kv_heads} KV heads")
+        self.device = torch.device(device)
+        self.block_size = block_size
+        self.num_kv_heads = num_kv_heads
+        self.block_m = block_m
+        self.block_n = block_n
+        self.max_splits = max_splits
+        self.split_min_tokens = split_min_tokens
+        if target_programs is None:
+            target_programs = 64
+            if self.device.type == "cuda":
+                props = torch.cuda.get_device_properties(self.device)
+                target_programs = 2 * props.multi_processor_count
+        self.target_programs = target_programs
+        self.max_num_seqs = max_num_seqs
+        self.max_num_tokens = max_num_batched_tokens
+        self.max_blocks = _cdiv(max_model_len, block_size)
+        self.max_tiles = _cdiv(max_num_batched_tokens, block_m) + max_num_seqs
+
+        def buffer(*shape: int, dtype: torch.dtype = torch.int32) -> torch.Tensor:
+            return torch.zeros(shape, dtype=dtype, device=self.device)
+
+        self.slot_mapping = buffer(max_num_batched_tokens)
+        self.block_tables = buffer(max_num_seqs, self.max_blocks)
+        self.seq_lens = buffer(max_num_seqs)
+        self.query_start = buffer(max_num_seqs + 1)
+        self.decode_seqs = buffer(max_num_seqs)
+        self.tile_seqs = buffer(self.max_tiles)
+        self.tile_starts = buffer(self.max_tiles)
+        # Partial results of split decodes, shared by all layers (they run one after another).
+        self.mid_out = buffer(max_num_seqs, num_heads, max_splits, head_dim, dtype=torch.float32)
+        self.mid_lse = buffer(max_num_seqs, num_heads, max_splits, dtype=torch.float32)
+
+    def build_metadata(self, chunks: list[Chunk]) -> TritonAttentionMetadata:
+        bs = self.block_size
+        num_seqs = len(chunks)
+        if num_seqs > self.max_num_seqs:
+            raise ValueError(f"{num_seqs} sequences in a step > max_num_seqs={self.max_num_seqs}")
+        slots: list[int] = []
+        seq_lens: list[int] = []
+        query_start = [0]
+        decode_seqs: list[int] = []
+        decode_lens: list[int] = []
+        tile_seqs: list[int] = []
+        tile_starts: list[int] = []
+        tables: list[list[int]] = []
+        for i, (start, n, block_ids) in enumerate(chunks):
+            ctx = start + n
+            for pos in range(start, ctx):
+                slots.append(block_ids[pos // bs] * bs + pos % bs)
+            seq_lens.append(ctx)
+            query_start.append(query_start[-1] + n)
+            tables.append(block_ids[: _cdiv(ctx, bs)])
+            if n == 1:
+                decode_seqs.append(i)
+                decode_lens.append(ctx)
+            else:
+                for m0 in range(0, n, self.block_m):
+                    tile_seqs.append(i)
+                    tile_starts.append(m0)
+        num_tokens = len(slots)
+        if num_tokens > self.max_num_tokens:
+            raise ValueError(
+                f"{num_tokens} tokens in a step > max_num_batched_tokens={self.max_num_tokens}"
+            )
+        width = max((len(t) for t in tables), default=0)
+        if width > self.max_blocks:
+            raise ValueError(f"a sequence spans {width} blocks > {self.max_blocks} (max_model_len)")
+        flat_tables = [b for t in tables for b in t + [0] * (width - len(t))]
+        sections = [
+            (self.slot_mapping, slots),
+            (self.seq_lens, seq_lens),
+            (self.query_start, query_start),
+            (self.decode_seqs, decode_seqs),
+            (self.tile_seqs, tile_seqs),
+            (self.tile_starts, tile_starts),
+        ]
+        values = [v for _, section in sections for v in section] + flat_tables
+        # One host tensor per step (pinned on CUDA, kept alive by the caching host allocator
+        # until its copies ran), copied into the persistent buffers without waiting.
+        pinned = self.device.type == "cuda"
+        host = torch.tensor(values, dtype=torch.int32, pin_memory=pinned)
+        offset = 0
+        for dst, section in sections:
+            n = len(section)
+            dst[:n].copy_(host[offset : offset + n], non_blocking=pinned)
+            offset += n
+        if width:
+            self.block_tables[:num_seqs, :width].copy_(
+                host[offset:].view(num_seqs, width), non_blocking=pinned
+            )
+        num_splits = 1
+        if decode_lens:
+            num_splits = min(self.max_splits, _cdiv(max(decode_lens), self.split_min_tokens))
+            wanted = _cdiv(self.target_programs, len(decode_lens) * self.num_kv_heads)
+            num_splits = max(1, min(num_splits, wanted))
+        return TritonAttentionMetadata(
+            self, num_tokens, len(decode_seqs), len(tile_seqs), num_splits
+        )
+
+
+@dataclass
+class TritonAttentionMetadata:
+    backend: TritonAttentionBackend
+    num_tokens: int
+    num_decodes: int
+    num_tiles: int
+    num_splits: int
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: torch.Tensor,
+        scale: float,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        b = self.backend
+        k_cache, v_cache = kv_cache[0], kv_cache[1]
+        store_kv_cache(k, v, k_cache, v_cache, b.slot_mapping[: self.num_tokens])
+        out = torch.empty_like(q) if out is None else out
+        extend_attention(
+            q,
+            k_cache,
+            v_cache,
+            out,
+            b.block_tables,
+            b.seq_lens,
+            b.query_start,
+            b.tile_seqs,
+            b.tile_starts,
+            self.num_tiles,
+            scale,
+            block_m=b.block_m,
+            block_n=b.block_n,
+        )
+        decode_attention(
+            q,
+            k_cache,
+            v_cache,
+            out,
+            b.block_tables,
+            b.seq_lens,
+            b.query_start,
+            b.decode_seqs,
+            self.num_decodes,
+            self.num_splits,
+            b.mid_out,
+            b.mid_lse,
+            scale,
+            block_n=b.block_n,
+        )
+        return out
