@@ -56,6 +56,7 @@ IDLE_HEALTH_CHECK_S = 0.5
 HEALTH_PING_TIMEOUT_S = 10.0  # an idle worker answers a ping in milliseconds
 INBOX_LIMIT = 4096  # decoded frames waiting for the main thread; beyond, ZeroMQ pushes back
 MESSAGES_PER_STEP = 512  # inbox items handled between two steps: a flood cannot stall the batch
+INPUT_YIELD_EVERY, INPUT_YIELD_S = 4, 0.0005  # see `_input_thread`
 UTILITY_METHODS = frozenset(
     {"reset_prefix_cache", "sleep", "wake_up", "is_sleeping", "get_stats", "check_health"}
 )
@@ -148,9 +149,16 @@ class EngineCoreServer:
 
     def _input_thread(self, sock: zmq.Socket) -> None:
         answers = self._pusher()
+        frames = 0
         while not self.stopping.is_set():
             if sock.poll(200):
                 self._receive(sock, answers.send_multipart, block=True)
+                frames += 1
+                # The busy loop needs the GIL between its torch calls: while it has work, pause
+                # now and then, so a flood of frames slows itself (ZeroMQ holds them back),
+                # never the batch.
+                if frames % INPUT_YIELD_EVERY == 0 and self.engine and self.engine.has_work():
+                    time.sleep(INPUT_YIELD_S)
         answers.close(0)
         sock.close(0)
 

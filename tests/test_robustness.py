@@ -16,11 +16,10 @@ import psutil
 import pytest
 import torch
 from scripts.raw_client import RawClient
-from scripts.scenario_process import single_threaded_engines, tiny_async_engine
+from scripts.scenario_process import ScenarioProcess, single_threaded_engines, tiny_async_engine
 
 from zllm import LLM, AsyncLLM, EngineArgs, EngineDeadError, SamplingParams
 from zllm.frontend.errors import EngineOverloadedError
-from zllm.protocol import messages as m
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
 GOOD = [[10 + i, 20 + i, 30 + i] for i in range(9)]
@@ -246,47 +245,26 @@ def _latencies(engine: AsyncLLM, n: int) -> list[float]:
 
 @pytest.mark.timeout(180)
 def test_a_flood_of_refused_requests_leaves_others_served(engine: AsyncLLM) -> None:
+    """10,000 requests engine-core must refuse, from a hostile client in its own process."""
     core = psutil.Process(engine.client.proc.pid)
     _latencies(engine, 3)  # warm
     idle = statistics.median(_latencies(engine, 7))
     rss_before = core.memory_info().rss
-    flood = RawClient(engine.client.input_address, engine.client.output_address)
-    refused = SamplingParams(max_tokens=4)
-    sent = answered = 0
-    flooding = threading.Event()
-
-    def run_flood() -> None:
-        nonlocal sent, answered
-        flooding.set()
-        for i in range(10_000):
-            flood.send(
-                m.AddRequest(
-                    request_id=f"f{i}", prompt_token_ids=[10**6] * 64, sampling_params=refused
-                )
-            )
-            sent += 1
-            while flood.from_core.poll(0):
-                flood.from_core.recv()
-                answered += 1
-        deadline = time.monotonic() + 60
-        while answered < sent and time.monotonic() < deadline:
-            if flood.from_core.poll(100):
-                flood.from_core.recv()
-                answered += 1
-
-    thread = threading.Thread(target=run_flood)
-    peak = rss_before
-    thread.start()
-    flooding.wait()
-    during = []
-    while thread.is_alive():
-        during += _latencies(engine, 1)
-        peak = max(peak, core.memory_info().rss)
-    thread.join()
-    flood.close()
-    assert answered == sent == 10_000, "every refused request got its answer"
-    assert during, "no legitimate request ran during the flood"
-    assert statistics.median(during) <= 2 * idle + 0.02, (idle, during)
+    flood = ScenarioProcess(
+        "flood.py", engine.client.input_address, engine.client.output_address, "10000"
+    )
+    try:
+        flood.read_json_line(60)  # connected, frames built: the flood starts now
+        peak, during = rss_before, []
+        while flood.proc.poll() is None:
+            during += _latencies(engine, 1)
+            peak = max(peak, core.memory_info().rss)
+        result = flood.result(60)
+    finally:
+        flood.kill()
+    assert result["answered"] == result["sent"] == 10_000, "every refused request got its answer"
+    assert len(during) >= 3, f"the flood took {result['seconds']:.2f} s: too short to measure"
+    assert statistics.median(during) <= 2 * idle, (idle, during)
     assert peak - rss_before < 100 * 2**20, (
         f"engine-core grew by {(peak - rss_before) / 2**20:.0f} MiB"
     )
