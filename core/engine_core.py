@@ -7,6 +7,7 @@ directly.
 from __future__ import annotations
 
 import logging
+import time
 
 from zllm.core.executor import Executor
 from zllm.core.kv_cache_manager import KVCacheManager
@@ -46,6 +47,7 @@ class EngineCore:
             max_num_seqs=engine_args.max_num_seqs,
             max_num_batched_tokens=self.max_num_batched_tokens,
             enable_chunked_prefill=engine_args.enable_chunked_prefill,
+            policy=engine_args.scheduling_policy,
         )
         self.limits = AdmissionLimits.of(
             engine_args, model_config, self.kv.num_blocks, self.max_num_batched_tokens
@@ -91,6 +93,7 @@ class EngineCore:
                 pooling_params=message.pooling_params,
                 is_causal=self.model_config.is_causal,
                 pools_last_token_only=pooler is None or pooler.pooling_type == "LAST",
+                priority=message.priority,
             )
         )
         return None
@@ -130,6 +133,9 @@ class EngineCore:
         step = self.scheduler.schedule()
         if not step.requests:
             return []
+        now = time.monotonic()
+        for request in step.new_requests:  # first scheduled: its time in the queue is known
+            request.queue_time = now - request.queued_at
         output = self.executor.execute_model(self._to_worker(step))
         sampled = dict(zip(output.request_ids, output.sampled_token_ids))
         logprobs = dict(zip(output.request_ids, output.logprobs)) if output.logprobs else {}
@@ -152,6 +158,7 @@ class EngineCore:
                 new_logprobs=logprobs.get(request.key),
                 prompt_logprobs=prompt_logprobs,
                 num_cached_tokens=max(request.num_cached_tokens, 0),
+                queue_time=request.take_queue_time(),
             )
             updates.append((request.client, update))
         return updates
@@ -164,6 +171,7 @@ class EngineCore:
             finish_reason=request.finish_reason,
             num_cached_tokens=max(request.num_cached_tokens, 0),
             pooled=pooled,
+            queue_time=request.take_queue_time(),
         )
 
     def _to_worker(self, step: ScheduledStep) -> ExecuteModel:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import time
 
 from zllm.protocol.pooling_params import PoolingParams
 from zllm.protocol.sampling_params import SamplingParams
@@ -35,6 +36,7 @@ class Request:
         pooling_params: PoolingParams | None = None,
         is_causal: bool = True,
         pools_last_token_only: bool = True,
+        priority: int = 0,
     ) -> None:
         self.key = key
         self.client = client
@@ -47,6 +49,10 @@ class Request:
         self.num_computed_tokens = 0  # tokens whose KV is in the cache
         self.num_cached_tokens = -1  # prefix-cache hit on first admission (-1: not admitted yet)
         self.status = RequestStatus.WAITING
+        self.priority = priority  # lower first, under scheduling_policy="priority"
+        self.arrival_order = -1  # set by the waiting queue that orders by it
+        self.queued_at = time.monotonic()
+        self.queue_time: float | None = None  # seconds until first scheduled; reported once
         self.sent_to_worker = False
         self.extra_hash_key = extra_hash_key  # besides tokens, what changes the KV (a LoRA id)
         self.finish_reason: str | None = None
@@ -86,6 +92,11 @@ class Request:
     @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
+
+    def take_queue_time(self) -> float | None:
+        """The queue time, for the first update sent about this request (None after)."""
+        queue_time, self.queue_time = self.queue_time, None
+        return queue_time
 
     def append_token(self, token_id: int) -> bool:
         """Add a sampled token; return True when it finishes the request."""

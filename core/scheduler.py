@@ -5,16 +5,17 @@ each scheduled request a chunk of its uncomputed tokens. A decode is a chunk of 
 prompt may be split over several steps (chunked prefill), and a preempted request simply
 starts again from zero computed tokens (recompute), keeping what it generated. A pooling
 request is a prompt alone, batched like any other; an encoder's prompt is never split.
-Running requests go first (decodes before new prefills), then waiting ones in arrival order.
+Running requests go first (decodes before new prefills), then waiting ones in the order of
+the scheduling policy (`core/request_queue.py`: arrival, or priority then arrival).
 """
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass, field
 
 from zllm.core.kv_cache_manager import KVCacheManager
 from zllm.core.request import Request, RequestStatus
+from zllm.core.request_queue import create_request_queue
 from zllm.protocol.messages import SchedulerStats
 
 
@@ -39,13 +40,14 @@ class Scheduler:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         enable_chunked_prefill: bool,
+        policy: str = "fcfs",
     ) -> None:
         self.kv = kv
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.enable_chunked_prefill = enable_chunked_prefill
-        self.waiting: deque[Request] = deque()
-        self.running: list[Request] = []  # in admission order: the last is preempted first
+        self.waiting = create_request_queue(policy)
+        self.running: list[Request] = []  # in the policy's order: the last is preempted first
         self.requests: dict[str, Request] = {}
         self._finished_keys: list[str] = []
         self.num_preemptions = 0
@@ -57,7 +59,7 @@ class Scheduler:
 
     def add(self, request: Request) -> None:
         self.requests[request.key] = request
-        self.waiting.append(request)
+        self.waiting.add_request(request)
 
     def finish(self, request: Request, reason: str) -> None:
         """End a request (finished or aborted) and return its blocks."""
@@ -66,7 +68,7 @@ class Scheduler:
         if request.status == RequestStatus.RUNNING:
             self.running.remove(request)
         else:
-            self.waiting.remove(request)
+            self.waiting.remove_request(request)
         request.status = RequestStatus.FINISHED
         request.finish_reason = request.finish_reason or reason
         self.kv.free(request)
@@ -104,7 +106,7 @@ class Scheduler:
         while (
             self.waiting and budget > 0 and not preempted and len(self.running) < self.max_num_seqs
         ):
-            request = self.waiting[0]
+            request = self.waiting.peek_request()
             computed, num_cached = self.kv.get_computed_blocks(request)
             n = request.num_tokens - num_cached
             if n > budget:
@@ -114,13 +116,13 @@ class Scheduler:
                 n = budget
             if not self.kv.allocate_slots(request, n, computed):
                 break
-            self.waiting.popleft()
+            self.waiting.pop_request()
             self.kv.record_lookup(request, num_cached)
             request.num_computed_tokens = num_cached
             if request.num_cached_tokens < 0:
                 request.num_cached_tokens = num_cached
             request.status = RequestStatus.RUNNING
-            self.running.append(request)
+            self.waiting.add_running(self.running, request)
             if not request.sent_to_worker:
                 request.sent_to_worker = True
                 step.new_requests.append(request)
@@ -138,12 +140,13 @@ class Scheduler:
         return step
 
     def preempt(self, request: Request) -> None:
-        """Free a running request's blocks; it waits at the front and recomputes later."""
+        """Free a running request's blocks; it waits again (at the front of its priority) and
+        recomputes later."""
         self.running.remove(request)
         self.kv.free(request)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
-        self.waiting.appendleft(request)
+        self.waiting.prepend_request(request)
         self.num_preemptions += 1
 
     def update(self, step: ScheduledStep, sampled: dict[str, int]) -> list[Request]:

@@ -52,18 +52,27 @@ class AsyncLLM(EngineFrontend):
         request_id: str | None = None,
         *,
         lora_request: Any = None,
-        **_: Any,
+        priority: int = 0,
+        trace_headers: Any = None,
+        tokenization_kwargs: dict | None = None,
+        data_parallel_rank: int | None = None,
     ) -> AsyncGenerator[RequestOutput, None]:
         """Yield `RequestOutput`s for one prompt as the engine produces them.
 
-        Leaving the loop early, cancelling the task, closing the loop or dropping the generator
-        aborts the request in the engine (its KV blocks are freed within one step). A request
-        aborted with `abort()` ends with an output whose `finish_reason` is "abort"; a dead
-        engine raises `EngineDeadError`.
+        `priority`: lower runs first when the engine has scheduling_policy="priority" (else it
+        must be 0). Leaving the loop early, cancelling the task, closing the loop or dropping
+        the generator aborts the request in the engine (its KV blocks are freed within one
+        step). A request aborted with `abort()` ends with an output whose `finish_reason` is
+        "abort"; a dead engine raises `EngineDeadError`. vLLM keywords zllm cannot honour
+        raise `NotImplementedError` when given a value; unknown ones are a `TypeError`.
         """
-        if lora_request is not None:
-            raise NotImplementedError("lora_request is not supported by zllm (no LoRA adapters)")
-        request_id, stream = self._add_request(prompt, sampling_params, request_id)
+        _refuse_unsupported(
+            lora_request=lora_request,
+            trace_headers=trace_headers,
+            tokenization_kwargs=tokenization_kwargs,
+            data_parallel_rank=data_parallel_rank,
+        )
+        request_id, stream = self._add_request(prompt, sampling_params, request_id, priority)
         guard = _AbortIfAbandoned(self.client, request_id)
         try:
             while True:
@@ -88,6 +97,8 @@ class AsyncLLM(EngineFrontend):
         request_id: str | None = None,
         *,
         truncate_prompt_tokens: int | None = None,
+        priority: int = 0,
+        lora_request: Any = None,
     ) -> AsyncGenerator[PoolingRequestOutput, None]:
         """Yield the one, final `PoolingRequestOutput` of a prompt (`outputs.data`: its pooled
         vector as the model's pooling and `pooling_params` ask).
@@ -95,8 +106,11 @@ class AsyncLLM(EngineFrontend):
         Pooling requests run in the same steps as generation requests. Cancelling aborts the
         request; a request aborted with `abort()` ends without an output.
         """
+        _refuse_unsupported(lora_request=lora_request)
         request_id, stream = self._submit(
-            self._prepare_pooling(prompt, pooling_params, request_id, truncate_prompt_tokens)
+            self._prepare_pooling(
+                prompt, pooling_params, request_id, truncate_prompt_tokens, priority
+            )
         )
         guard = _AbortIfAbandoned(self.client, request_id)
         try:
@@ -199,6 +213,23 @@ class AsyncLLM(EngineFrontend):
 
     async def __aexit__(self, *exc: object) -> None:
         self.shutdown()
+
+
+_WHY_UNSUPPORTED = {
+    "lora_request": "no LoRA adapters",
+    "trace_headers": "no OpenTelemetry tracing",
+    "tokenization_kwargs": "the prompt is tokenized with the tokenizer's defaults",
+    "data_parallel_rank": "one engine, no data parallelism",
+}
+
+
+def _refuse_unsupported(**given: Any) -> None:
+    """vLLM's keywords that zllm accepts only unset: a value raises, naming the keyword."""
+    for name, value in given.items():
+        if value is not None:
+            raise NotImplementedError(
+                f"{name} is not supported by zllm ({_WHY_UNSUPPORTED[name]}); got {value!r}"
+            )
 
 
 class _AbortIfAbandoned:

@@ -272,6 +272,7 @@ class EngineClient:
                         request_id=live.engine_id,
                         prompt_token_ids=request.prompt_token_ids,
                         arrival_time=state.metrics.arrival_time,
+                        priority=request.priority,
                         **{_PARAMS_FIELD[type(child_params)]: child_params},
                     )
                 )

@@ -65,16 +65,25 @@ class EngineFrontend:
     # ---- requests ----------------------------------------------------------------------------
 
     def _add_request(
-        self, prompt: PromptType, params: SamplingParams | None, request_id: str | None
+        self,
+        prompt: PromptType,
+        params: SamplingParams | None,
+        request_id: str | None,
+        priority: int = 0,
     ) -> tuple[str, RequestStream]:
-        return self._submit(self._prepare(prompt, params, request_id))
+        return self._submit(self._prepare(prompt, params, request_id, priority))
 
     def _prepare(
-        self, prompt: PromptType, params: SamplingParams | None, request_id: str | None
+        self,
+        prompt: PromptType,
+        params: SamplingParams | None,
+        request_id: str | None,
+        priority: int = 0,
     ) -> ProcessedRequest:
-        """Tokenize and check one request (raises `ValueError`); nothing is sent yet."""
+        """Tokenize and check one request (raises `ValueError`); nothing is sent yet.
+        `priority`: lower first, under scheduling_policy="priority" (else it must be 0)."""
         return self.processor.process(
-            request_id or self._new_request_id(), prompt, params or SamplingParams()
+            request_id or self._new_request_id(), prompt, params or SamplingParams(), priority
         )
 
     def _prepare_pooling(
@@ -83,6 +92,7 @@ class EngineFrontend:
         params: PoolingParams | None,
         request_id: str | None,
         truncate_prompt_tokens: int | None = None,
+        priority: int = 0,
     ) -> ProcessedRequest:
         """`_prepare` for `encode()` / `embed()`; `truncate_prompt_tokens` is vLLM's keyword
         form of `PoolingParams.truncate_prompt_tokens`."""
@@ -97,7 +107,9 @@ class EngineFrontend:
                     f"PoolingParams.truncate_prompt_tokens={given}"
                 )
             params = params.clone(truncate_prompt_tokens=truncate_prompt_tokens)
-        return self.processor.process(request_id or self._new_request_id(), prompt, params)
+        return self.processor.process(
+            request_id or self._new_request_id(), prompt, params, priority
+        )
 
     def _new_request_id(self) -> str:
         return f"{uuid.uuid4().hex[:12]}-{next(self._ids)}"

@@ -31,6 +31,7 @@ class ProcessedRequest:
     prompt: str | None
     prompt_token_ids: list[int]
     params: SamplingParams | PoolingParams  # generate() or encode()
+    priority: int = 0  # lower first, under scheduling_policy="priority"
 
 
 class InputProcessor:
@@ -40,13 +41,17 @@ class InputProcessor:
         self.limits = AdmissionLimits.from_ready(ready)
 
     def process(
-        self, request_id: str, prompt: PromptType, params: SamplingParams | PoolingParams
+        self,
+        request_id: str,
+        prompt: PromptType,
+        params: SamplingParams | PoolingParams,
+        priority: int = 0,
     ) -> ProcessedRequest:
         """Tokenize and check one request; raise `ValueError` saying what is wrong."""
         if not isinstance(request_id, str):
             raise ValueError(f"request_id must be a str, got {type(request_id).__name__}")
         text, ids = self.tokenize(prompt)
-        add = canonical_request(request_id, ids, params)
+        add = canonical_request(request_id, ids, params, priority=priority)
         if add.pooling_params is not None:
             from_text = isinstance(prompt, str) or "prompt_token_ids" not in prompt
             ids, params = prepare_pooling(
@@ -65,7 +70,7 @@ class InputProcessor:
         error = request_error(add, self.limits)
         if error is not None:
             raise ValueError(error)
-        return ProcessedRequest(request_id, text, ids, params)
+        return ProcessedRequest(request_id, text, ids, params, add.priority)
 
     def prompt_token_ids(self, prompt: PromptType) -> list[int]:
         """A prompt's token ids as plain ints (`ValueError` for anything else)."""

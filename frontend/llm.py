@@ -58,8 +58,11 @@ class LLM(EngineFrontend):
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool | Callable[..., Any] = True,
         lora_request: Any = None,
+        priority: list[int] | None = None,
     ) -> list[RequestOutput]:
         """Run every prompt to completion; outputs come back in input order.
+
+        `priority`: one per prompt, lower first (the engine needs scheduling_policy="priority").
 
         Blocks the calling thread. From a thread whose event loop is running (a notebook) it
         blocks that loop too, as vLLM's does, with a one-time warning. Any thread may call it,
@@ -70,11 +73,17 @@ class LLM(EngineFrontend):
         _no_lora(lora_request)
         prompts = _prompt_list(prompts)
         params_list = _params_list(sampling_params, SamplingParams, len(prompts))
+        if priority is not None and len(priority) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(priority)} priorities")
+        priorities = iter(priority or [0] * len(prompts))
 
         def prepare(prompt: PromptType, params: SamplingParams | None) -> ProcessedRequest:
             params = _checked(params or SamplingParams(), SamplingParams)
             return self._prepare(
-                prompt, params.clone(output_kind=RequestOutputKind.FINAL_ONLY), None
+                prompt,
+                params.clone(output_kind=RequestOutputKind.FINAL_ONLY),
+                None,
+                next(priorities),
             )
 
         return self._run_batch(_each(prepare, prompts, params_list), use_tqdm)

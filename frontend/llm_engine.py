@@ -46,14 +46,16 @@ class LLMEngine:
         prompt: PromptType,
         params: SamplingParams,
         lora_request: Any = None,
+        priority: int = 0,
     ) -> None:
-        """Queue a request; its outputs come back from `step()`. Raises `ValueError` for a bad one."""
+        """Queue a request; its outputs come back from `step()`. Raises `ValueError` for a bad
+        one. `priority`: lower first, under scheduling_policy="priority"."""
         if lora_request is not None:
             raise NotImplementedError("lora_request is not supported by zllm (no LoRA adapters)")
         llm = self._llm
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
-        llm._submit(llm._prepare(prompt, params, request_id), self._stream)
+        llm._submit(llm._prepare(prompt, params, request_id, priority), self._stream)
         self._kinds[request_id] = params.output_kind
 
     def step(self) -> list[RequestOutput]:

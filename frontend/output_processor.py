@@ -100,6 +100,8 @@ class RequestState:
                 self.metrics.first_token_time = now
             self.metrics.last_token_time = now
         self.num_cached_tokens = update.num_cached_tokens
+        if update.queue_time is not None:
+            self.metrics.time_in_queue = update.queue_time
         if update.prompt_logprobs is not None and self.prompt_logprobs is not None:
             self.prompt_logprobs.extend(self._logprob_dicts(update.prompt_logprobs))
         if update.new_logprobs is not None and self.logprobs is not None:

@@ -35,6 +35,7 @@ class RequestMetrics:
     first_token_time: float | None = None
     last_token_time: float | None = None
     finished_time: float | None = None
+    time_in_queue: float | None = None  # seconds engine-core kept it waiting before scheduling
 
 
 @dataclass

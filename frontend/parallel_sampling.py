@@ -128,6 +128,8 @@ class ParentRequest:
         self.metrics.first_token_time = min(first) if first else None
         self.metrics.last_token_time = max(last) if last else None
         self.metrics.finished_time = max(done) if self.finished and done else None
+        queued = times("time_in_queue")
+        self.metrics.time_in_queue = min(queued) if queued else None
 
 
 class ChildHandle:

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Generic, TypeVar
 if TYPE_CHECKING:  # the frontend imports torch only once a vector arrives
     import torch
 
+    from zllm.frontend.outputs import RequestMetrics
+
 
 @dataclass
 class PoolingOutput:
@@ -25,12 +27,14 @@ class PoolingRequestOutput(Generic[_O]):
         prompt_token_ids: list[int],
         finished: bool,
         num_cached_tokens: int = 0,
+        metrics: RequestMetrics | None = None,
     ) -> None:
         self.request_id = request_id
         self.outputs = outputs
         self.prompt_token_ids = prompt_token_ids
         self.finished = finished
         self.num_cached_tokens = num_cached_tokens
+        self.metrics = metrics  # arrival, finish and queue times
 
     def __repr__(self) -> str:
         return (

@@ -53,6 +53,7 @@ class PoolingRequestState:
                 self.pooled = update.pooled
                 self.num_cached_tokens = update.num_cached_tokens
                 self.metrics.first_token_time = self.metrics.finished_time = now
+                self.metrics.time_in_queue = update.queue_time
             return False
 
     def abort(self, now: float) -> None:
@@ -77,4 +78,5 @@ class PoolingRequestState:
                 prompt_token_ids=self.prompt_token_ids,
                 finished=True,
                 num_cached_tokens=self.num_cached_tokens,
+                metrics=self.metrics,
             )

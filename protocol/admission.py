@@ -36,6 +36,7 @@ class AdmissionLimits(msgspec.Struct, frozen=True, kw_only=True):
     is_causal: bool = True
     hidden_size: int = 0
     pooler: PoolerConfig | None = None
+    priority_scheduling: bool = False  # scheduling_policy="priority": `priority` may be set
 
     @classmethod
     def of(
@@ -52,6 +53,7 @@ class AdmissionLimits(msgspec.Struct, frozen=True, kw_only=True):
             is_causal=config.is_causal,
             hidden_size=config.hidden_size,
             pooler=config.pooler_config,
+            priority_scheduling=args.scheduling_policy == "priority",
         )
 
     @classmethod
@@ -83,6 +85,7 @@ def canonical_request(
     prompt_token_ids: Any,
     params: SamplingParams | PoolingParams,
     arrival_time: float = 0.0,
+    priority: int = 0,
 ) -> AddRequest:
     """The request exactly as engine-core will decode it, or `ValueError` naming the field."""
     if not isinstance(params, SamplingParams | PoolingParams):
@@ -98,6 +101,7 @@ def canonical_request(
                 request_id=request_id,
                 prompt_token_ids=prompt_token_ids,
                 arrival_time=arrival_time,
+                priority=priority,
                 **{kind: fields},
             )
         )
@@ -138,6 +142,11 @@ def request_error(add: AddRequest, limits: AdmissionLimits) -> str | None:
     bad = next((i for i, t in enumerate(ids) if not 0 <= t < vocab), None)
     if bad is not None:
         return f"prompt_token_ids[{bad}] = {ids[bad]} is outside the vocabulary [0, {vocab})"
+    if add.priority != 0 and not limits.priority_scheduling:
+        return (
+            f"priority={add.priority} needs an engine started with "
+            "scheduling_policy='priority' (this one schedules first come, first served)"
+        )
     if (add.sampling_params is None) == (add.pooling_params is None):
         return "a request needs either sampling_params or pooling_params (generate or encode)"
     if add.pooling_params is not None:

@@ -22,6 +22,7 @@ from zllm.protocol.vllm_options import check_vllm_options
 
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
+SCHEDULING_POLICIES = ("fcfs", "priority")
 
 RUNNERS = ("auto", "generate", "pooling")
 TASKS = ("auto", "generate", "embed")
@@ -60,6 +61,8 @@ class EngineArgs(msgspec.Struct, kw_only=True):
     max_logprobs: int = 20  # cap on logprobs / prompt_logprobs (vLLM's default); -1: no cap
     max_queued_requests: int | None = None  # waiting requests beyond this are refused (overload)
     step_timeout: float = 300.0  # seconds a step may take before the workers count as stuck
+    # "fcfs": arrival order; "priority": lowest `priority` first (core/request_queue.py)
+    scheduling_policy: str = "fcfs"
 
     # ---- vLLM's options that appear in its examples (docs/vllm-compat.md). Each works or is
     # refused here, naming itself: `check_vllm_options` in protocol/vllm_options.py.
@@ -111,6 +114,11 @@ class EngineArgs(msgspec.Struct, kw_only=True):
         if self.max_queued_requests is not None and self.max_queued_requests < 0:
             raise ValueError(
                 f"max_queued_requests must be None or >= 0, got {self.max_queued_requests}"
+            )
+        if self.scheduling_policy not in SCHEDULING_POLICIES:
+            raise ValueError(
+                f"scheduling_policy must be one of {SCHEDULING_POLICIES}, "
+                f"got {self.scheduling_policy!r}"
             )
         if not self.step_timeout > 0:
             raise ValueError(f"step_timeout must be > 0 seconds, got {self.step_timeout}")

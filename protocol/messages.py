@@ -41,6 +41,7 @@ class AddRequest(msgspec.Struct, **_STRUCT):
     sampling_params: SamplingParams | None = None
     arrival_time: float = 0.0
     pooling_params: PoolingParams | None = None
+    priority: int = 0  # lower first, under scheduling_policy="priority"
 
 
 class AddRequests(msgspec.Struct, **_STRUCT):
@@ -117,6 +118,7 @@ class RequestUpdate(msgspec.Struct, kw_only=True, omit_defaults=True, array_like
     error: str | None = None  # the engine refused the request (finish_reason "error")
     error_kind: str | None = None  # with `error`: "invalid" (the request) or "overloaded" (retry)
     pooled: bytes | None = None  # a pooling request's vector: float32, little-endian
+    queue_time: float | None = None  # seconds from arrival in the engine to first scheduled (once)
 
     @classmethod
     def refused(cls, request_id: str, error: str, kind: str = "invalid") -> RequestUpdate:
