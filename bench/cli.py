@@ -1,5 +1,5 @@
-"""The `zllm bench` subcommands: throughput, latency, profile (the `zllm` CLI only dispatches
-here). Each prints a table, or one JSON document with `--json`."""
+"""The `zllm bench` subcommands: throughput, latency, profile, serve (the `zllm` CLI only
+dispatches here). Each prints a table, or one JSON document with `--json`."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def _peer(parser: argparse.ArgumentParser) -> None:
 
 
 def add_bench_parser(sub) -> None:
-    bench = sub.add_parser("bench", help="benchmarks: throughput, latency, profile")
+    bench = sub.add_parser("bench", help="benchmarks: throughput, latency, profile, serve")
     kinds = bench.add_subparsers(dest="bench_command", required=True)
 
     tp = kinds.add_parser("throughput", help="N random prompts at once (offline throughput)")
@@ -70,6 +70,30 @@ def add_bench_parser(sub) -> None:
     prof.add_argument("--context-len", type=int, default=128)
     prof.add_argument("--steps", type=int, default=20)
     prof.set_defaults(func=cmd_profile)
+
+    srv = kinds.add_parser("serve", help="load a running server: TTFT, TPOT, ITL, throughput")
+    srv.add_argument("--base-url", default="http://127.0.0.1:8000", help="the server's URL")
+    srv.add_argument("--model", help="the served model name (default: the server's first)")
+    srv.add_argument(
+        "--api-key", default=os.environ.get("ZLLM_API_KEY"), help="default: $ZLLM_API_KEY"
+    )
+    srv.add_argument("--dataset", choices=["random", "sharegpt"], default="random")
+    srv.add_argument("--dataset-path", help="ShareGPT JSON (--dataset sharegpt)")
+    srv.add_argument("--num-prompts", type=int, default=100)
+    srv.add_argument("--input-len", default="1024", help="random: N or LOW:HIGH tokens")
+    srv.add_argument("--output-len", default="128", help="random: N or LOW:HIGH tokens")
+    srv.add_argument("--vocab-size", type=int, default=1000, help="random: prompt ids from [10, N)")
+    srv.add_argument(
+        "--request-rate",
+        type=float,
+        default=float("inf"),
+        help="requests per second, Poisson arrivals (default: inf, all at once)",
+    )
+    srv.add_argument("--max-concurrency", type=int, help="at most this many requests in flight")
+    srv.add_argument("--seed", type=int, default=0, help="prompts and arrival times")
+    srv.add_argument("--timeout", type=float, default=600.0, help="seconds a stream may stall")
+    srv.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    srv.set_defaults(func=cmd_serve)
 
 
 def _engine_kwargs(ns: argparse.Namespace) -> dict:
@@ -187,4 +211,34 @@ def cmd_profile(ns: argparse.Namespace) -> int:
     doc = {**_header(ns, source), "results": [result]}
     columns = ["wall_ms", "kernel_ms", "kernels_per_step", "busy_share", "measured"]
     _print(doc, ns.json, columns)
+    return 0
+
+
+def cmd_serve(ns: argparse.Namespace) -> int:
+    import asyncio
+
+    from zllm.bench import serve
+
+    if ns.num_prompts < 1:
+        raise ValueError(f"--num-prompts must be >= 1, got {ns.num_prompts}")
+    if not ns.request_rate > 0:
+        raise ValueError(f"--request-rate must be > 0 (inf: all at once), got {ns.request_rate}")
+    if ns.max_concurrency is not None and ns.max_concurrency < 1:
+        raise ValueError(f"--max-concurrency must be >= 1, got {ns.max_concurrency}")
+    result = asyncio.run(serve.bench(ns))
+    header = {
+        "bench": "serve",
+        "date": datetime.date.today().isoformat(),
+        "commit": _commit(),
+        "command": "zllm " + " ".join(sys.argv[1:]),
+    }
+    doc = {**header, **result}
+    if ns.json:
+        print(json.dumps(doc), flush=True)
+        return 0
+    summary = doc.pop("results")[0]
+    for key, value in doc.items():
+        print(f"{key}: {value}")
+    for key, value in summary.items():
+        print(f"{key}: {value}")
     return 0

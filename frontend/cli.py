@@ -1,4 +1,4 @@
-"""The `zllm` command: generate, chat, download-default, engine-core, bench.
+"""The `zllm` command: generate, chat, serve, download-default, engine-core, bench.
 
 Every `EngineArgs` field is an option (`max_num_seqs` -> `--max-num-seqs`), and so is every
 `SamplingParams` field of `generate` and `chat` (`--top-k`, `--min-p`), derived from the Structs
@@ -231,6 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_engine_args(core, exclude=("engine_core_address",))
     core.set_defaults(func=cmd_engine_core)
+
+    from zllm.frontend.serve.cli import add_serve_parser
+
+    add_serve_parser(sub)
 
     from zllm.bench.cli import add_bench_parser
 

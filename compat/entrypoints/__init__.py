@@ -1,0 +1,1 @@
+"""`vllm.entrypoints` -> `zllm.entrypoints` (docs/vllm-compat.md)."""

@@ -1,0 +1,1 @@
+"""`vllm.entrypoints.openai` -> `zllm.entrypoints.openai` (docs/vllm-compat.md)."""

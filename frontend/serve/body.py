@@ -1,0 +1,38 @@
+"""Request bodies in (size-limited, decoded into a Struct) and JSON answers out."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from zllm.frontend.serve.errors import APIError, decode_json
+
+
+def too_large(limit: int) -> APIError:
+    return APIError(
+        413,
+        f"the request body is larger than this server takes ({limit} bytes; --max-body-bytes)",
+        code="request_too_large",
+    )
+
+
+async def read_json(request: web.Request, type: Any) -> Any:
+    """The body as `type`; 413 beyond the app's size limit, 400 for anything malformed."""
+    from zllm.frontend.serve.state import STATE
+
+    limit = request.app[STATE].config.max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise too_large(limit)
+    try:
+        body = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise too_large(limit) from None
+    return decode_json(body, type)
+
+
+def json_response(payload: Any, status: int = 200) -> web.Response:
+    return web.Response(
+        status=status, body=msgspec.json.encode(payload), content_type="application/json"
+    )

@@ -1,0 +1,121 @@
+"""`zllm serve [MODEL]`: the server's options, then every engine option (`EngineArgs`:
+`--max-queued-requests`, `--scheduling-policy`, `--engine-core-address`, ...)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+from zllm.frontend.serve.state import ServeConfig
+
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+
+
+def add_server_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options of `zllm serve` (vLLM's names where it has them)."""
+    parser.add_argument(
+        "model_tag",
+        nargs="?",
+        default=None,
+        help="the model (same as --model); default: the default model",
+    )
+    group = parser.add_argument_group("server options")
+    group.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)"
+    )
+    group.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
+    group.add_argument(
+        "--api-key",
+        action="append",
+        default=None,
+        help="require `Authorization: Bearer KEY` on /v1/* (repeat for several keys; "
+        "default: $ZLLM_API_KEY, else none)",
+    )
+    group.add_argument(
+        "--served-model-name",
+        nargs="+",
+        default=None,
+        help="the names clients use for the model (default: the model as given)",
+    )
+    group.add_argument(
+        "--log-level",
+        "--uvicorn-log-level",
+        dest="log_level",
+        choices=LOG_LEVELS,
+        default="info",
+        help="server log level (default: info; trace: every request)",
+    )
+    group.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="seconds requests in flight may run after SIGTERM/SIGINT before they are aborted "
+        "(default: 30)",
+    )
+    group.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=8 * 1024 * 1024,
+        help="largest request body taken; larger ones get 413 (default: 8 MiB)",
+    )
+    from zllm.frontend.cli import add_engine_args
+
+    add_engine_args(parser)
+    return parser
+
+
+def serve_config(ns: argparse.Namespace) -> ServeConfig:
+    env_key = os.environ.get("ZLLM_API_KEY")
+    keys = ns.api_key or ([env_key] if env_key else [])
+    if any(not key for key in keys):
+        raise ValueError("--api-key: an empty key would let anyone in")
+    if ns.shutdown_timeout < 0:
+        raise ValueError(f"--shutdown-timeout must be >= 0, got {ns.shutdown_timeout}")
+    if ns.max_body_bytes < 1024:
+        raise ValueError(f"--max-body-bytes must be >= 1024, got {ns.max_body_bytes}")
+    return ServeConfig(
+        host=ns.host,
+        port=ns.port,
+        api_keys=keys,
+        served_model_names=ns.served_model_name or [],
+        max_body_bytes=ns.max_body_bytes,
+        shutdown_timeout=ns.shutdown_timeout,
+    )
+
+
+def configure_logging(level: str) -> None:
+    """The server's log, and aiohttp's access log at `trace`."""
+    python_level = "DEBUG" if level == "trace" else level.upper()
+    logging.basicConfig(level=python_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    access = logging.getLogger("aiohttp.access")
+    access.setLevel(logging.INFO if level in ("trace", "debug") else logging.WARNING)
+    os.environ.setdefault("ZLLM_LOG_LEVEL", python_level)  # engine-core's, inherited
+
+
+def engine_args_of(ns: argparse.Namespace):
+    from zllm.frontend.cli import engine_args_from
+
+    if ns.model_tag is not None:
+        given = getattr(ns, "model", None)
+        if given is not None and given != ns.model_tag:
+            raise ValueError(f"two models given: {ns.model_tag!r} and --model {given!r}")
+        ns.model = ns.model_tag
+    return engine_args_from(ns)
+
+
+def cmd_serve(ns: argparse.Namespace) -> int:
+    from zllm.frontend.serve.server import run_server
+
+    config = serve_config(ns)
+    engine_args = engine_args_of(ns)
+    configure_logging(ns.log_level)
+    return run_server(engine_args, config)
+
+
+def add_serve_parser(sub) -> None:
+    parser = sub.add_parser(
+        "serve", help="the OpenAI-compatible HTTP server (and /generate, /ws/generate, /metrics)"
+    )
+    add_server_args(parser)
+    parser.set_defaults(func=cmd_serve)

@@ -1,0 +1,154 @@
+"""What the server holds (the engine, its names, metrics, requests in flight) and how one
+engine request runs under it: every route generates and encodes through `ServerState`, so
+metrics, the shutdown abort and 503s are the same everywhere."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from zllm.frontend.async_llm import AsyncLLM
+from zllm.frontend.errors import EngineOverloadedError
+from zllm.frontend.outputs import RequestOutput
+from zllm.frontend.pooling_outputs import PoolingRequestOutput
+from zllm.frontend.serve.errors import APIError
+from zllm.frontend.serve.metrics import ServerMetrics
+from zllm.frontend.serve.response_schemas import now_s
+from zllm.protocol.pooling_params import PoolingParams
+from zllm.protocol.sampling_params import SamplingParams
+
+
+@dataclass
+class ServeConfig:
+    """The server's own options (the engine's are `EngineArgs`)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_keys: list[str] = field(default_factory=list)  # empty: no authentication
+    served_model_names: list[str] = field(default_factory=list)  # empty: the model as given
+    max_body_bytes: int = 8 * 1024 * 1024
+    shutdown_timeout: float = 30.0
+
+
+def shutting_down(reason: str) -> APIError:
+    return APIError(503, reason, type="service_unavailable_error", code="shutting_down")
+
+
+class ServerState:
+    """One per server: the engine client and everything the routes share."""
+
+    def __init__(self, engine: AsyncLLM, config: ServeConfig) -> None:
+        self.engine = engine
+        self.config = config
+        self.served_names = config.served_model_names or [engine.model_config.model]
+        self.model_name = self.served_names[0]
+        self.metrics = ServerMetrics(self.model_name)
+        self.tokenizer = engine.tokenizer
+        self.supported_tasks = list(engine.model_config.supported_tasks)
+        self.defaults = (
+            engine.model_config.get_diff_sampling_param()
+            if "generate" in self.supported_tasks
+            else {}
+        )
+        self.max_model_len = engine.model_config.max_model_len
+        self.created = now_s()
+        self.active: set[str] = set()  # engine request ids in flight
+        self.websockets: set[Any] = set()
+        self.accepting = True
+        self.abort_reason: str | None = None  # set when a stop aborts what is still running
+
+    def check_model(self, name: str | None) -> str:
+        """The served name a request asks for (None: the first), else a 404."""
+        if name is None:
+            return self.model_name
+        if name not in self.served_names:
+            raise APIError(
+                404,
+                f"The model `{name}` does not exist (this server serves {self.served_names}).",
+                param="model",
+                code="model_not_found",
+            )
+        return name
+
+    def check_task(self, task: str, route: str) -> None:
+        if task not in self.supported_tasks:
+            raise APIError(
+                400,
+                f"{route} needs a model that can {task}; {self.model_name} serves "
+                f"{self.supported_tasks}",
+                param="model",
+            )
+
+    @contextlib.contextmanager
+    def _in_flight(self, request_id: str):
+        self.active.add(request_id)
+        try:
+            yield
+        except EngineOverloadedError:
+            self.metrics.rejected.labels(model_name=self.model_name).inc()
+            raise
+        finally:
+            self.active.discard(request_id)
+
+    async def generate(
+        self,
+        prompt: Any,
+        params: SamplingParams,
+        priority: int = 0,
+        request_id: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """The engine's DELTA outputs for one prompt, observed for the metrics. An output
+        aborted by a server stop becomes a 503 saying so."""
+        request_id = request_id or f"srv-{uuid.uuid4().hex}"
+        timer = self.metrics.timer()
+        with self._in_flight(request_id):
+            outputs = self.engine.generate(prompt, params, request_id, priority=priority)
+            reasons: dict[int, str] = {}  # completion index -> finish reason
+            async with contextlib.aclosing(outputs):
+                async for output in outputs:
+                    timer.on_tokens(sum(len(c.token_ids) for c in output.outputs))
+                    reasons.update(
+                        (c.index, c.finish_reason) for c in output.outputs if c.finish_reason
+                    )
+                    if output.finished:
+                        if self.abort_reason is not None and "abort" in reasons.values():
+                            raise shutting_down(self.abort_reason)
+                        queue_time = output.metrics.time_in_queue if output.metrics else None
+                        timer.on_finish(
+                            len(output.prompt_token_ids), list(reasons.values()), queue_time
+                        )
+                    yield output
+
+    async def encode(
+        self, prompt: Any, params: PoolingParams, priority: int = 0
+    ) -> PoolingRequestOutput:
+        request_id = f"srv-{uuid.uuid4().hex}"
+        timer = self.metrics.timer()
+        with self._in_flight(request_id):
+            outputs = self.engine.encode(prompt, params, request_id, priority=priority)
+            async with contextlib.aclosing(outputs):
+                async for output in outputs:
+                    timer.on_finish(
+                        len(output.prompt_token_ids),
+                        ["stop"],
+                        output.metrics.time_in_queue if output.metrics else None,
+                    )
+                    return output
+        raise shutting_down(self.abort_reason or "the request was aborted")
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Until no engine request is in flight, or `timeout` seconds; True if idle."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.active and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        return not self.active
+
+
+STATE = web.AppKey("state", ServerState)
