@@ -11,7 +11,7 @@ import aiohttp
 import numpy as np
 import openai
 import pytest
-from scripts.serve_process import ServerProcess
+from scripts.serve_process import running_server
 
 NAME = "all-minilm-l6-v2"
 SENTENCES = [
@@ -25,11 +25,10 @@ pytestmark = pytest.mark.timeout(180)
 
 @pytest.fixture(scope="module")
 def server(embedding_model_path):
-    proc = ServerProcess(NAME, "--runner", "pooling", "--distributed-executor-backend", "uni")
-    try:
-        yield proc.wait_ready()
-    finally:
-        proc.kill()
+    with running_server(
+        NAME, "--runner", "pooling", "--distributed-executor-backend", "uni"
+    ) as proc:
+        yield proc
 
 
 @pytest.fixture(scope="module")

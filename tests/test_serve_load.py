@@ -11,25 +11,22 @@ import time
 
 import aiohttp
 import pytest
-from scripts.serve_process import ServerProcess
+from scripts.serve_process import running_server
 
 pytestmark = pytest.mark.timeout(180)
 
 
 @pytest.fixture(scope="module")
 def server(tiny_checkpoints):
-    proc = ServerProcess(
+    with running_server(
         tiny_checkpoints["llama"],
         "--max-num-seqs", "1",
         "--scheduling-policy", "priority",
         "--max-queued-requests", "4",
         "--distributed-executor-backend", "uni",
         "--kv-cache-memory-bytes", str(2**24),
-    )  # fmt: skip
-    try:
-        yield proc.wait_ready()
-    finally:
-        proc.kill()
+    ) as proc:  # fmt: skip
+        yield proc
 
 
 def _body(max_tokens: int, priority: int = 0, stream: bool = False) -> dict:

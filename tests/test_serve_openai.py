@@ -14,7 +14,7 @@ import time
 import aiohttp
 import openai
 import pytest
-from scripts.serve_process import ServerProcess
+from scripts.serve_process import running_server
 
 from zllm import LLM, SamplingParams
 
@@ -30,17 +30,14 @@ pytestmark = pytest.mark.timeout(180)
 
 @pytest.fixture(scope="module")
 def server(default_model_path):
-    proc = ServerProcess(
+    with running_server(
         default_model_path,
         "--api-key", KEY,
         "--served-model-name", NAME, "smol-alias",
         "--max-model-len", str(MAX_MODEL_LEN),
         "--distributed-executor-backend", "uni",
-    )  # fmt: skip
-    try:
-        yield proc.wait_ready()
-    finally:
-        proc.kill()
+    ) as proc:  # fmt: skip
+        yield proc
 
 
 @pytest.fixture(scope="module")

@@ -32,6 +32,19 @@ async def read_json(request: web.Request, type: Any) -> Any:
     return decode_json(body, type)
 
 
+async def read_request(request: web.Request, type: Any, task: str) -> tuple[Any, Any, str]:
+    """What every engine route starts with: (the server's state, the body as `type`, the
+    served model name it asked for), once the model is known and can do `task`."""
+    from zllm.frontend.serve.state import STATE
+
+    state = request.app[STATE]
+    body = await read_json(request, type)
+    model = state.check_model(body.model)
+    state.check_task(task, request.path)
+    state.log_request(request.path, body)
+    return state, body, model
+
+
 def json_response(payload: Any, status: int = 200) -> web.Response:
     return web.Response(
         status=status, body=msgspec.json.encode(payload), content_type="application/json"

@@ -9,7 +9,7 @@ from typing import Any
 
 from aiohttp import web
 
-from zllm.frontend.serve.body import json_response, read_json
+from zllm.frontend.serve.body import json_response, read_request
 from zllm.frontend.serve.errors import bad_request
 from zllm.frontend.serve.gather import gather
 from zllm.frontend.serve.logprobs import chat_logprobs
@@ -26,7 +26,7 @@ from zllm.frontend.serve.response_schemas import (
     new_id,
     now_s,
 )
-from zllm.frontend.serve.state import STATE, ServerState
+from zllm.frontend.serve.state import ServerState
 from zllm.frontend.serve.streaming import merge, sse_response
 
 ROLE = "assistant"
@@ -63,10 +63,7 @@ def chat_prompt_of(
 
 
 async def create_chat_completion(request: web.Request) -> web.StreamResponse:
-    state = request.app[STATE]
-    body: ChatCompletionRequest = await read_json(request, ChatCompletionRequest)
-    model = state.check_model(body.model)
-    state.check_task("generate", "/v1/chat/completions")
+    state, body, model = await read_request(request, ChatCompletionRequest, "generate")
     params = chat_params(body, state.defaults)
     prompt = chat_prompt(state, body)
     outputs = merge([state.generate(prompt, params, body.priority)])

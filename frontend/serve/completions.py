@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from zllm.frontend.serve.body import json_response, read_json
+from zllm.frontend.serve.body import json_response, read_request
 from zllm.frontend.serve.gather import gather, prompt_text
 from zllm.frontend.serve.logprobs import completion_logprobs
 from zllm.frontend.serve.params import completion_params, prompt_list
@@ -19,15 +19,12 @@ from zllm.frontend.serve.response_schemas import (
     new_id,
     now_s,
 )
-from zllm.frontend.serve.state import STATE, ServerState
+from zllm.frontend.serve.state import ServerState
 from zllm.frontend.serve.streaming import merge, sse_response
 
 
 async def create_completion(request: web.Request) -> web.StreamResponse:
-    state = request.app[STATE]
-    body: CompletionRequest = await read_json(request, CompletionRequest)
-    model = state.check_model(body.model)
-    state.check_task("generate", "/v1/completions")
+    state, body, model = await read_request(request, CompletionRequest, "generate")
     params = completion_params(body, state.defaults)
     prompts = prompt_list(body.prompt, "prompt")
     outputs = merge([state.generate(p, params, body.priority) for p in prompts])

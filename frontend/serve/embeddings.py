@@ -8,7 +8,7 @@ import base64
 
 from aiohttp import web
 
-from zllm.frontend.serve.body import json_response, read_json
+from zllm.frontend.serve.body import json_response, read_request
 from zllm.frontend.serve.params import pooling_params, prompt_list
 from zllm.frontend.serve.request_schemas import EmbeddingRequest, PoolingRequest
 from zllm.frontend.serve.response_schemas import (
@@ -20,7 +20,6 @@ from zllm.frontend.serve.response_schemas import (
     new_id,
     now_s,
 )
-from zllm.frontend.serve.state import STATE
 from zllm.frontend.serve.streaming import gather_all
 
 
@@ -30,11 +29,8 @@ def encode_vector(data, encoding_format: str) -> list[float] | str:
     return data.tolist()
 
 
-async def _pool(request: web.Request, body_type: type, route: str):
-    state = request.app[STATE]
-    body = await read_json(request, body_type)
-    model = state.check_model(body.model)
-    state.check_task("embed", route)
+async def _pool(request: web.Request, body_type: type):
+    state, body, model = await read_request(request, body_type, "embed")
     params = pooling_params(body)
     prompts = prompt_list(body.input, "input")
     outputs = await gather_all([state.encode(p, params, body.priority) for p in prompts])
@@ -50,12 +46,12 @@ async def _pool(request: web.Request, body_type: type, route: str):
 
 
 async def create_embedding(request: web.Request) -> web.Response:
-    vectors, head = await _pool(request, EmbeddingRequest, "/v1/embeddings")
+    vectors, head = await _pool(request, EmbeddingRequest)
     data = [EmbeddingData(index=i, embedding=v) for i, v in enumerate(vectors)]
     return json_response(EmbeddingResponse(data=data, **head))
 
 
 async def create_pooling(request: web.Request) -> web.Response:
-    vectors, head = await _pool(request, PoolingRequest, "/pooling")
+    vectors, head = await _pool(request, PoolingRequest)
     data = [PoolingData(index=i, data=v) for i, v in enumerate(vectors)]
     return json_response(PoolingResponse(data=data, **head))

@@ -11,7 +11,7 @@ from typing import Any
 from aiohttp import web
 
 from zllm.frontend.outputs import CompletionOutput, Logprob, RequestOutput
-from zllm.frontend.serve.body import json_response, read_json
+from zllm.frontend.serve.body import json_response, read_json, read_request
 from zllm.frontend.serve.chat import chat_prompt_of
 from zllm.frontend.serve.errors import APIError, bad_request, engine_dead
 from zllm.frontend.serve.gather import Choice, gather
@@ -66,10 +66,7 @@ def prompt_of(body: Any) -> Any:
 
 async def generate(request: web.Request) -> web.StreamResponse:
     """One prompt (text or token ids) and any `SamplingParams` field at the top level."""
-    state = request.app[STATE]
-    body = await read_json(request, GenerateRequest)
-    state.check_model(body.model)
-    state.check_task("generate", "/generate")
+    state, body, _ = await read_request(request, GenerateRequest, "generate")
     params = native_params(body)
     outputs = merge([state.generate(prompt_of(body), params, body.priority)])
     if body.stream:

@@ -33,7 +33,7 @@ class SamplingFields(msgspec.Struct, **_REQUEST):
     logit_bias: dict[str, float] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None  # the caller's end user: written to the request log
+    user: str | None = None  # the caller's end user: in the debug log of each request
     # ---- vLLM's extra sampling fields
     top_k: int | None = None
     min_p: float | None = None

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -22,6 +23,8 @@ from zllm.frontend.serve.metrics import ServerMetrics
 from zllm.frontend.serve.response_schemas import now_s
 from zllm.protocol.pooling_params import PoolingParams
 from zllm.protocol.sampling_params import SamplingParams
+
+logger = logging.getLogger("zllm.serve")
 
 
 @dataclass
@@ -75,6 +78,11 @@ class ServerState:
                 code="model_not_found",
             )
         return name
+
+    def log_request(self, route: str, body: Any) -> None:
+        """One debug line per request (`--log-level debug`), with the caller's `user`."""
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("%s model=%s user=%r", route, body.model, getattr(body, "user", None))
 
     def check_task(self, task: str, route: str) -> None:
         if task not in self.supported_tasks:

@@ -3,6 +3,7 @@ stopped with SIGTERM (its exit code is the test's business), always killed at th
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -87,3 +88,13 @@ class ServerProcess:
                 pass
         self.proc.wait(30)
         self.log.close()
+
+
+@contextlib.contextmanager
+def running_server(*args: str, env: dict[str, str] | None = None):
+    """A ready server for a `with` block (a module fixture), killed with all it started."""
+    proc = ServerProcess(*args, env=env)
+    try:
+        yield proc.wait_ready()
+    finally:
+        proc.kill()
