@@ -61,6 +61,8 @@ class EngineArgs(msgspec.Struct, kw_only=True):
     max_logprobs: int = 20  # cap on logprobs / prompt_logprobs (vLLM's default); -1: no cap
     max_queued_requests: int | None = None  # waiting requests beyond this are refused (overload)
     step_timeout: float = 300.0  # seconds a step may take before the workers count as stuck
+    # Schedule step N+1 while the workers run step N (vLLM's name); False: one step at a time.
+    async_scheduling: bool = True
 
     # ---- vLLM's options that appear in its examples (docs/vllm-compat.md). Each works or is
     # refused here, naming itself: `check_vllm_options` in protocol/vllm_options.py.
