@@ -143,7 +143,7 @@ class MultiprocExecutor(Executor):
                     logger.error("dropping an undecodable frame from a worker: %s", e)
                     continue
                 if isinstance(message, WorkerFailed):
-                    raise WorkerDiedError(f"worker rank {message.rank} failed: {message.error}")
+                    raise self._failure(message)
                 return message
             self.check_health()
             if deadline is not None and time.monotonic() > deadline:
@@ -155,6 +155,23 @@ class MultiprocExecutor(Executor):
                     f"the workers did not answer {waiting_for} within {timeout_s:g} s "
                     f"(step_timeout): {states}"
                 )
+
+    def _failure(self, failed: WorkerFailed, grace_s: float = 0.5) -> WorkerDiedError:
+        """A rank's failure may be the echo of another's death (a collective that lost its
+        peer): name a rank that exited meanwhile as the cause."""
+        deadline = time.monotonic() + (grace_s if self.world_size > 1 else 0.0)
+        while True:
+            for rank, proc in enumerate(self.procs):
+                code = proc.poll()
+                if code is not None and rank != failed.rank:
+                    first_line = failed.error.splitlines()[0] if failed.error else ""
+                    return WorkerDiedError(
+                        f"worker rank {rank} {describe_exit(proc.pid, code)} "
+                        f"(then rank {failed.rank} failed: {first_line})"
+                    )
+            if time.monotonic() >= deadline:
+                return WorkerDiedError(f"worker rank {failed.rank} failed: {failed.error}")
+            time.sleep(0.02)
 
     def _send_all(self, message: msgspec.Struct) -> None:
         self.pub.send(encode(message), copy=False)
