@@ -19,6 +19,15 @@
 #            generate_batch in the same run (bar: >= 20x generate_batch)
 #   profile  steady decode: Llama-3.1-8B batch 64 (bar: GPU busy >= 90%), Qwen2.5-0.5B
 #            batch 1 (bar: wall <= 1.5x kernel time); each also with the torch backend
+#   boundary Qwen2.5-0.5B batch 1, 128 in / 256 out through LLM: worker processes with overlap
+#            (the default), without it, and the worker inside engine-core (uni); beside them
+#            the worker's own step time (bench profile). Bar: per-token time with worker
+#            processes <= 1.1x the worker's step time
+#   busy     Qwen2.5-0.5B, 256 requests decoding: the worker's step, GPU busy share (bar:
+#            >= 90%), and the same 256 requests through LLM for the engine's tok/s
+#   tp       (2 GPUs) Llama-3.1-8B shape: greedy first tokens TP=2 == TP=1 in float32 and
+#            killing a rank (tests/test_tensor_parallel.py, tests/test_faults.py on NCCL); bs1
+#            decode TP=1 vs TP=2 (bar: TP=2 >= 1.3x faster); 1000 x 256/256 at TP=1 and TP=2
 # Every figure is a JSON line in $OUT/<stage>.jsonl, the full output in $OUT/<stage>.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -33,7 +42,7 @@ fi
 export PYTHONUNBUFFERED=1
 ZLLM=(python3 -m zllm.frontend.cli)
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(tests parity latency 8b qwen profile)
+[ ${#stages[@]} -eq 0 ] && stages=(tests parity latency 8b qwen profile boundary busy)
 
 run() {  # run STAGE CMD...: output to $OUT/STAGE.log, JSON lines to $OUT/STAGE.jsonl
     local stage=$1; shift
@@ -69,6 +78,28 @@ for stage in "${stages[@]}"; do
                 --shape llama-3.1-8b --batch 64 --context-len 256 --json
             ZLLM_ATTENTION_BACKEND=$backend run profile "${ZLLM[@]}" bench profile \
                 --shape qwen2.5-0.5b --batch 1 --context-len 128 --json
+        done ;;
+    boundary)
+        for opts in "" "--no-async-scheduling" "--distributed-executor-backend uni"; do
+            # shellcheck disable=SC2086
+            run boundary "${ZLLM[@]}" bench latency --shape qwen2.5-0.5b --batch-sizes 1 \
+                --input-len 128 --output-len 256 --json $opts
+        done
+        run boundary "${ZLLM[@]}" bench profile --shape qwen2.5-0.5b --batch 1 \
+            --context-len 256 --json ;;
+    busy)
+        run busy "${ZLLM[@]}" bench profile --shape qwen2.5-0.5b --batch 256 \
+            --context-len 256 --json
+        run busy "${ZLLM[@]}" bench throughput --shape qwen2.5-0.5b --num-prompts 256 \
+            --input-len 256 --output-len 256 --json ;;
+    tp)
+        run tp python3 -m pytest -q -p no:cacheprovider tests/test_tensor_parallel.py \
+            tests/test_faults.py
+        for tp in 1 2; do
+            run tp "${ZLLM[@]}" bench latency --shape llama-3.1-8b --batch-sizes 1 \
+                --input-len 128 --output-len 256 --tensor-parallel-size $tp --json
+            run tp "${ZLLM[@]}" bench throughput --shape llama-3.1-8b --num-prompts 1000 \
+                --input-len 256 --output-len 256 --tensor-parallel-size $tp --json
         done ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;
     esac

@@ -32,7 +32,7 @@ def _union_us(intervals: list[tuple[float, float]]) -> float:
 def run(source: ModelSource, batch: int, context_len: int, steps: int, engine_kwargs: dict) -> dict:
     from zllm.protocol.config import EngineArgs, ModelConfig
     from zllm.protocol.sampling_params import SamplingParams
-    from zllm.protocol.worker_messages import ExecuteModel, NewRequest, ScheduledChunk
+    from zllm.protocol.worker_messages import ExecuteModel, NewBlocks, NewRequest, SlotStart
     from zllm.worker.worker import Worker
 
     args = EngineArgs(
@@ -47,34 +47,24 @@ def run(source: ModelSource, batch: int, context_len: int, steps: int, engine_kw
     tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(batch)]
     params = SamplingParams(max_tokens=1 << 20, temperature=0.0, ignore_eos=True)
     prompts = [[10 + (i + j) % 1000 for j in range(context_len)] for i in range(batch)]
-    keys = [f"profile-{i}" for i in range(batch)]
-    out = worker.execute_model(
+    slots = list(range(batch))
+    worker.execute_model(
         ExecuteModel(
             new_requests=[
-                NewRequest(request_id=k, prompt_token_ids=p, sampling_params=params)
-                for k, p in zip(keys, prompts)
+                NewRequest(slot=i, prompt_token_ids=p, sampling_params=params)
+                for i, p in enumerate(prompts)
             ],
-            chunks=[
-                ScheduledChunk(request_id=k, token_ids=p, start=0, block_ids=t, sample=True)
-                for k, p, t in zip(keys, prompts, tables)
-            ],
-            finished_request_ids=[],
+            started=[SlotStart(i, 0) for i in slots],
+            new_block_ids=[NewBlocks(i, t) for i, t in enumerate(tables)],
+            slots=slots,
+            num_scheduled_tokens=[context_len] * batch,
         )
     )
-    last = out.sampled_token_ids
-    position = context_len
+    decode = ExecuteModel(slots=slots, num_scheduled_tokens=[1] * batch)  # the worker's own tokens
 
     def step() -> float:
-        nonlocal last, position
-        chunks = [
-            ScheduledChunk(request_id=k, token_ids=[t], start=position, block_ids=tbl, sample=True)
-            for k, t, tbl in zip(keys, last, tables)
-        ]
         start = time.perf_counter()
-        last = worker.execute_model(
-            ExecuteModel(new_requests=[], chunks=chunks, finished_request_ids=[])
-        ).sampled_token_ids
-        position += 1
+        worker.execute_model(decode)
         return time.perf_counter() - start
 
     for _ in range(warmup):

@@ -2,23 +2,40 @@
 
 `core/server.py` wraps this in the process that talks to frontends; tests can drive it
 directly.
+
+With `async_scheduling` (the default), step N+1 is scheduled and sent while the workers run
+step N (SGLang's overlap scheduler, vLLM's async scheduling): a request whose token step N
+is sampling gets a placeholder, and the worker feeds its own sampled token into step N+1.
+Step N's results are then applied as they come: a request that step N finished (EOS, a stop
+token, `max_tokens`) or that was aborted meanwhile shows nothing of step N+1, and
+`max_tokens` never schedules a step too many (`Request.awaits_last_token`).
 """
 
 from __future__ import annotations
 
 import logging
-import time
+from collections import deque
+from dataclasses import dataclass
 
 from zllm.core.executor import Executor
 from zllm.core.kv_cache_manager import KVCacheManager
-from zllm.core.request import Request
+from zllm.core.request import Request, RequestStatus
 from zllm.core.scheduler import ScheduledStep, Scheduler
+from zllm.core.worker_batch import WorkerBatch
 from zllm.protocol.admission import AdmissionLimits, request_error
 from zllm.protocol.config import EngineArgs, ModelConfig
 from zllm.protocol.messages import AddRequest, RequestUpdate, SchedulerStats
-from zllm.protocol.worker_messages import ExecuteModel, NewRequest, ScheduledChunk
+from zllm.protocol.worker_messages import ModelOutput, WorkerSlot
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _InFlight:
+    """A step sent to the workers whose results have not come back yet."""
+
+    step: ScheduledStep
+    slots: list[WorkerSlot]  # the slot of each of its requests, as they were then
 
 
 class EngineCore:
@@ -52,6 +69,10 @@ class EngineCore:
         self.limits = AdmissionLimits.of(
             engine_args, model_config, self.kv.num_blocks, self.max_num_batched_tokens
         )
+        self.worker_batch = WorkerBatch(self.kv)
+        self.async_scheduling = engine_args.async_scheduling and executor.runs_concurrently
+        self._in_flight: deque[_InFlight] = deque()
+        self._ready: list[tuple[bytes, RequestUpdate]] = []  # results of steps waited for early
         self.sleeping_level = 0
         logger.info(
             "KV cache: %d blocks of %d tokens (%d tokens); max concurrency at %d tokens/request: %.1fx",
@@ -123,31 +144,65 @@ class EngineCore:
         return self.abort([r.key for r in self.scheduler.requests.values() if r.client == client])
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work() and self.sleeping_level == 0
+        if self._ready:
+            return True
+        return self.sleeping_level == 0 and (self.scheduler.has_work() or bool(self._in_flight))
 
     # ---- the step --------------------------------------------------------------------------
 
     def step(self) -> list[tuple[bytes, RequestUpdate]]:
-        """Run one step; return (client, update) for every request that got a token, finished,
-        or had a chunk of its prompt scored (prompt logprobs)."""
+        """Schedule and send the next step; return (client, update) for every request that got
+        a token, finished, or had a chunk of its prompt scored (prompt logprobs), from the
+        steps that came back meanwhile. With overlap, the newest step stays in flight."""
+        updates, self._ready = self._ready, []
+        if self.sleeping_level:
+            return updates
         step = self.scheduler.schedule()
-        if not step.requests:
-            return []
-        now = time.monotonic()
-        for request in step.new_requests:  # first scheduled: its time in the queue is known
-            request.queue_time = now - request.queued_at
-        output = self.executor.execute_model(self._to_worker(step))
-        sampled = dict(zip(output.request_ids, output.sampled_token_ids))
-        logprobs = dict(zip(output.request_ids, output.logprobs)) if output.logprobs else {}
+        message, slots = self.worker_batch.build(step)
+        if step.requests:
+            self.executor.submit(message)
+            self._in_flight.append(_InFlight(step, slots))
+        keep = 1 if self.async_scheduling and step.requests else 0
+        while len(self._in_flight) > keep:
+            updates += self._collect()
+        return updates
+
+    def _collect(self) -> list[tuple[bytes, RequestUpdate]]:
+        """Wait for the oldest step in flight and apply its results."""
+        flight = self._in_flight.popleft()
+        return self._apply(flight.step, flight.slots, self.executor.get_output())
+
+    def _drain(self) -> None:
+        """Finish every step in flight (before the workers' state changes under them)."""
+        while self._in_flight:
+            self._ready += self._collect()
+
+    def _apply(
+        self, step: ScheduledStep, slots: list[WorkerSlot], output: ModelOutput
+    ) -> list[tuple[bytes, RequestUpdate]]:
+        sampling = [
+            r for r, ends in zip(step.requests, step.ends_tokens) if ends and not r.is_pooling
+        ]
+        if len(sampling) != len(output.sampled_token_ids):
+            raise RuntimeError(
+                f"the workers sampled {len(output.sampled_token_ids)} tokens in a step that "
+                f"asked for {len(sampling)}"
+            )
+        sampled = {r.key: t for r, t in zip(sampling, output.sampled_token_ids)}
+        logprobs = dict(zip((r.key for r in sampling), output.logprobs)) if output.logprobs else {}
+        # Finished while the step ran (aborted, or ended by the step before): nothing to show.
+        gone = {r.key for r in step.requests if r.status == RequestStatus.FINISHED}
         self.scheduler.update(step, sampled)
         updates = []
-        for request in step.requests:
-            token = sampled.get(request.key)
-            prompt_logprobs = output.prompt_logprobs.get(request.key)
-            pooled = output.pooled.get(request.key)
+        for request, slot in zip(step.requests, slots):
+            if request.key in gone:
+                continue
+            pooled = output.pooled.get(slot)
             if pooled is not None:
                 updates.append((request.client, self._pooled_update(request, pooled)))
                 continue
+            token = sampled.get(request.key)
+            prompt_logprobs = output.prompt_logprobs.get(slot)
             if token is None and prompt_logprobs is None:
                 continue
             update = RequestUpdate(
@@ -174,32 +229,6 @@ class EngineCore:
             queue_time=request.take_queue_time(),
         )
 
-    def _to_worker(self, step: ScheduledStep) -> ExecuteModel:
-        chunks = []
-        for request, n in zip(step.requests, step.num_tokens):
-            start = request.num_computed_tokens
-            chunks.append(
-                ScheduledChunk(
-                    request_id=request.key,
-                    token_ids=request.token_ids[start : start + n],
-                    start=start,
-                    block_ids=self.kv.block_ids(request),
-                    sample=start + n == request.num_tokens,
-                )
-            )
-        new = [
-            NewRequest(
-                request_id=r.key,
-                prompt_token_ids=r.prompt_token_ids,
-                sampling_params=r.sampling_params,
-                pooling_params=r.pooling_params,
-            )
-            for r in step.new_requests
-        ]
-        return ExecuteModel(
-            new_requests=new, chunks=chunks, finished_request_ids=step.finished_keys
-        )
-
     def stats(self) -> SchedulerStats:
         return self.scheduler.stats()
 
@@ -211,6 +240,7 @@ class EngineCore:
     def sleep(self, level: int = 1) -> None:
         if level not in (1, 2):
             raise ValueError(f"sleep level must be 1 or 2, got {level}")
+        self._drain()
         if self.scheduler.running:
             # Running requests would lose their KV: send them back to recompute after wake-up.
             for request in list(reversed(self.scheduler.running)):

@@ -15,9 +15,17 @@ class WorkerDiedError(RuntimeError):
 
 class Executor(ABC):
     num_kv_blocks: int
+    # The workers run while engine-core goes on (processes): overlap has something to hide.
+    runs_concurrently: bool = True
 
     @abstractmethod
-    def execute_model(self, step: ExecuteModel) -> ModelOutput: ...
+    def submit(self, step: ExecuteModel) -> None:
+        """Send a step to every rank without waiting for it."""
+
+    @abstractmethod
+    def get_output(self) -> ModelOutput:
+        """The results of the oldest step submitted and not yet returned (waiting for them;
+        a step that takes longer than `step_timeout` is a `WorkerDiedError`)."""
 
     @abstractmethod
     def collective_rpc(

@@ -1,9 +1,13 @@
-"""One worker process per rank, driven over a private ROUTER socket.
+"""One worker process per rank: steps and calls go out on one XPUB socket (one send reaches
+every rank), answers come back on a ROUTER socket (only rank 0 answers a step; every rank
+answers a call).
 
-Every step goes to all ranks; rank 0 answers. While waiting, the core polls in short
-slices and checks that every worker is alive, so a dead worker becomes an error within
-a fraction of a second instead of a hang; a stopped or stuck one becomes an error after
-`step_timeout`.
+The XPUB sees each rank's subscription arrive, so nothing is published before every rank
+listens (PUB/SUB's "slow joiner"), and no high-water mark drops a frame. While waiting, the
+core polls in short slices and checks that every worker is alive, so a dead worker becomes an
+error within a fraction of a second instead of a hang; a stopped or stuck one becomes an error
+after `step_timeout`. A step's results that arrive while a call waits are kept for
+`get_output`.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import deque
 from typing import Any
 
 import msgspec
@@ -50,15 +55,23 @@ class MultiprocExecutor(Executor):
     def __init__(self, engine_args: EngineArgs, model_config: ModelConfig) -> None:
         self.world_size = engine_args.tensor_parallel_size
         self.step_timeout = engine_args.step_timeout
-        self.address, _ = private_ipc_address("workers")
+        self.address, directory = private_ipc_address("workers")
+        self.broadcast_address = self.address.replace("/workers-", "/steps-")
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.bind(self.address)
         restrict_socket_file(self.address)
+        self.pub = self.ctx.socket(zmq.XPUB)
+        self.pub.setsockopt(zmq.LINGER, 0)
+        self.pub.setsockopt(zmq.SNDHWM, 0)  # never drop a step
+        self.pub.setsockopt(zmq.XPUB_VERBOSE, 1)  # every rank's subscription, to count them
+        self.pub.bind(self.broadcast_address)
+        restrict_socket_file(self.broadcast_address)
+        self.outputs: deque[ModelOutput] = deque()  # results that arrived while a call waited
+        self.submitted: deque[float] = deque()  # when each step in flight was sent
         self.call_ids = itertools.count()
         self.procs: list[subprocess.Popen] = []
-        self.identities = [rank.to_bytes(2, "little") for rank in range(self.world_size)]
         self._closed = False
         try:
             self._start_workers(engine_args, model_config)
@@ -80,6 +93,7 @@ class MultiprocExecutor(Executor):
                     "-m",
                     "zllm.worker.main",
                     self.address,
+                    self.broadcast_address,
                     str(rank),
                     str(self.world_size),
                     dist_init,
@@ -95,11 +109,27 @@ class MultiprocExecutor(Executor):
             message = self._recv(None)
             if isinstance(message, WorkerHello):
                 hellos[message.rank] = message
+        self._await_subscribers()
         self.pids = [hellos[r].pid for r in range(self.world_size)]
         self.num_kv_blocks = min(h.num_kv_blocks for h in hellos.values())
         if self.num_kv_blocks <= 0:
             raise RuntimeError("no memory left for the KV cache after loading the model")
         self.collective_rpc("init_kv_cache", self.num_kv_blocks)
+
+    def _await_subscribers(self) -> None:
+        """Wait until every rank's subscription reached the XPUB (each rank subscribes before
+        it loads its model, so this is immediate after the hellos)."""
+        subscribed = 0
+        deadline = time.monotonic() + self.step_timeout
+        while subscribed < self.world_size:
+            if self.pub.poll(POLL_MS):
+                subscribed += self.pub.recv()[:1] == b"\x01"
+                continue
+            self.check_health()
+            if time.monotonic() > deadline:
+                raise WorkerDiedError(
+                    f"{self.world_size - subscribed} worker(s) never subscribed to the steps"
+                )
 
     def _recv(self, timeout_s: float | None, waiting_for: str = "") -> WorkerToCore:
         """Next message from any worker; raises if a worker died, failed or did not answer."""
@@ -113,7 +143,7 @@ class MultiprocExecutor(Executor):
                     logger.error("dropping an undecodable frame from a worker: %s", e)
                     continue
                 if isinstance(message, WorkerFailed):
-                    raise WorkerDiedError(f"worker rank {message.rank} failed: {message.error}")
+                    raise self._failure(message)
                 return message
             self.check_health()
             if deadline is not None and time.monotonic() > deadline:
@@ -126,19 +156,38 @@ class MultiprocExecutor(Executor):
                     f"(step_timeout): {states}"
                 )
 
-    def _send_all(self, message: msgspec.Struct) -> None:
-        frame = encode(message)
-        for identity in self.identities:
-            self.sock.send_multipart([identity, frame], copy=False)
-
-    def execute_model(self, step: ExecuteModel) -> ModelOutput:
-        self._send_all(step)
-        deadline = time.monotonic() + self.step_timeout
+    def _failure(self, failed: WorkerFailed, grace_s: float = 0.5) -> WorkerDiedError:
+        """A rank's failure may be the echo of another's death (a collective that lost its
+        peer): name a rank that exited meanwhile as the cause."""
+        deadline = time.monotonic() + (grace_s if self.world_size > 1 else 0.0)
         while True:
+            for rank, proc in enumerate(self.procs):
+                code = proc.poll()
+                if code is not None and rank != failed.rank:
+                    first_line = failed.error.splitlines()[0] if failed.error else ""
+                    return WorkerDiedError(
+                        f"worker rank {rank} {describe_exit(proc.pid, code)} "
+                        f"(then rank {failed.rank} failed: {first_line})"
+                    )
+            if time.monotonic() >= deadline:
+                return WorkerDiedError(f"worker rank {failed.rank} failed: {failed.error}")
+            time.sleep(0.02)
+
+    def _send_all(self, message: msgspec.Struct) -> None:
+        self.pub.send(encode(message), copy=False)
+
+    def submit(self, step: ExecuteModel) -> None:
+        self._send_all(step)
+        self.submitted.append(time.monotonic())
+
+    def get_output(self) -> ModelOutput:
+        deadline = self.submitted.popleft() + self.step_timeout
+        while not self.outputs:
             message = self._recv(max(0.0, deadline - time.monotonic()), "a step")
             if isinstance(message, ModelOutput):
                 return message
             logger.warning("unexpected %s while waiting for a step", type(message).__name__)
+        return self.outputs.popleft()
 
     def collective_rpc(
         self,
@@ -157,6 +206,8 @@ class MultiprocExecutor(Executor):
             message = self._recv(max(0.0, deadline - time.monotonic()), f"{method!r}")
             if isinstance(message, WorkerReply) and message.call_id == call_id:
                 replies[message.rank] = message
+            elif isinstance(message, ModelOutput):  # a step in flight: its caller takes it later
+                self.outputs.append(message)
         errors = [r.error for r in replies.values() if r.error]
         if errors:
             raise RuntimeError(errors[0])
@@ -188,5 +239,7 @@ class MultiprocExecutor(Executor):
                 proc.kill()
                 proc.wait()
         self.sock.close(0)
+        self.pub.close(0)
         self.ctx.term()
         remove_socket_file(self.address)
+        remove_socket_file(self.broadcast_address)

@@ -46,14 +46,18 @@ class Request:
         self.sampling_params = sampling_params
         self.token_ids: list[int] = list(prompt_token_ids)  # prompt, then generated tokens
         self.num_prompt_tokens = len(prompt_token_ids)
-        self.num_computed_tokens = 0  # tokens whose KV is in the cache
+        # Tokens whose KV is in the cache, or will be once the steps in flight ran: a step
+        # counts its tokens as computed when it is scheduled.
+        self.num_computed_tokens = 0
+        # Tokens a step in flight is sampling for this request, not known here yet: the next
+        # step may already compute them (the worker feeds its own sampled token back).
+        self.num_output_placeholders = 0
         self.num_cached_tokens = -1  # prefix-cache hit on first admission (-1: not admitted yet)
         self.status = RequestStatus.WAITING
         self.priority = priority  # lower first, under scheduling_policy="priority"
         self.arrival_order = -1  # set by the waiting queue that orders by it
-        self.queued_at = time.monotonic()
+        self.queued_at: float | None = time.monotonic()  # None once first scheduled
         self.queue_time: float | None = None  # seconds until first scheduled; reported once
-        self.sent_to_worker = False
         self.extra_hash_key = extra_hash_key  # besides tokens, what changes the KV (a LoRA id)
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
@@ -82,10 +86,6 @@ class Request:
         return self.pooling_params is not None
 
     @property
-    def prefill_done(self) -> bool:
-        return self.num_computed_tokens >= self.num_prompt_tokens
-
-    @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
 
@@ -97,6 +97,19 @@ class Request:
         """The queue time, for the first update sent about this request (None after)."""
         queue_time, self.queue_time = self.queue_time, None
         return queue_time
+
+    @property
+    def num_tokens_with_placeholders(self) -> int:
+        return len(self.token_ids) + self.num_output_placeholders
+
+    @property
+    def awaits_last_token(self) -> bool:
+        """Its last token (by `max_tokens` or the context length) is being sampled already:
+        nothing more to schedule."""
+        return (
+            self.num_output_placeholders > 0
+            and self.num_output_tokens + self.num_output_placeholders >= self.max_tokens
+        )
 
     def append_token(self, token_id: int) -> bool:
         """Add a sampled token; return True when it finishes the request."""

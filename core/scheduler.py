@@ -7,10 +7,15 @@ starts again from zero computed tokens (recompute), keeping what it generated. A
 request is a prompt alone, batched like any other; an encoder's prompt is never split.
 Running requests go first (decodes before new prefills), then waiting ones in the order of
 the scheduling policy (`core/request_queue.py`: arrival, or priority then arrival).
+
+A step's tokens count as computed when it is scheduled, and a chunk that ends a request's
+tokens leaves a placeholder for the token it samples: the next step can be scheduled while
+this one runs (`EngineCore`'s overlap), feeding the worker's own sampled token back in.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 from zllm.core.kv_cache_manager import KVCacheManager
@@ -25,8 +30,10 @@ class ScheduledStep:
 
     requests: list[Request] = field(default_factory=list)
     num_tokens: list[int] = field(default_factory=list)  # tokens to compute per request
-    new_requests: list[Request] = field(default_factory=list)  # first time the worker sees them
-    finished_keys: list[str] = field(default_factory=list)  # the workers may drop their state
+    # Per request: the chunk reaches the end of its tokens, so the worker samples (or pools).
+    ends_tokens: list[bool] = field(default_factory=list)
+    finished_keys: list[str] = field(default_factory=list)  # ended since the last step
+    preempted_keys: list[str] = field(default_factory=list)  # lost their blocks since then
 
     @property
     def total_tokens(self) -> int:
@@ -50,6 +57,7 @@ class Scheduler:
         self.running: list[Request] = []  # in the policy's order: the last is preempted first
         self.requests: dict[str, Request] = {}
         self._finished_keys: list[str] = []
+        self._preempted_keys: list[str] = []
         self.num_preemptions = 0
         self.num_prefill_tokens = 0
         self.num_steps = 0
@@ -73,8 +81,7 @@ class Scheduler:
         request.finish_reason = request.finish_reason or reason
         self.kv.free(request)
         del self.requests[request.key]
-        if request.sent_to_worker:
-            self._finished_keys.append(request.key)
+        self._finished_keys.append(request.key)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -82,15 +89,18 @@ class Scheduler:
     # ---- one step ------------------------------------------------------------------------
 
     def schedule(self) -> ScheduledStep:
-        step = ScheduledStep(finished_keys=self._finished_keys)
-        self._finished_keys = []
+        step = ScheduledStep(finished_keys=self._finished_keys, preempted_keys=self._preempted_keys)
+        self._finished_keys, self._preempted_keys = [], []
         budget = self.max_num_batched_tokens
         preempted = False
 
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            n = min(request.num_tokens - request.num_computed_tokens, budget)
+            n = min(request.num_tokens_with_placeholders - request.num_computed_tokens, budget)
+            if n == 0 or request.awaits_last_token:  # its step in flight ends what it has to do
+                i += 1
+                continue
             while not self.kv.allocate_slots(request, n):
                 victim = self.running[-1]
                 self.preempt(victim)
@@ -107,6 +117,8 @@ class Scheduler:
             self.waiting and budget > 0 and not preempted and len(self.running) < self.max_num_seqs
         ):
             request = self.waiting.peek_request()
+            if request.num_output_placeholders:  # preempted while a step samples for it
+                break
             computed, num_cached = self.kv.get_computed_blocks(request)
             n = request.num_tokens - num_cached
             if n > budget:
@@ -122,21 +134,24 @@ class Scheduler:
             if request.num_cached_tokens < 0:
                 request.num_cached_tokens = num_cached
             request.status = RequestStatus.RUNNING
+            if request.queued_at is not None:  # first scheduled: its queue time is known
+                request.queue_time = time.monotonic() - request.queued_at
+                request.queued_at = None
             self.waiting.add_running(self.running, request)
-            if not request.sent_to_worker:
-                request.sent_to_worker = True
-                step.new_requests.append(request)
             step.requests.append(request)
             step.num_tokens.append(n)
             budget -= n
 
-        if not step.requests:  # nothing runs: tell the workers next time
-            self._finished_keys, step.finished_keys = step.finished_keys, []
         self.num_steps += bool(step.requests)
         self._last_scheduled_tokens = step.total_tokens
         for request, n in zip(step.requests, step.num_tokens):
             done = request.num_computed_tokens
             self.num_prefill_tokens += max(0, min(done + n, request.num_prompt_tokens) - done)
+            request.num_computed_tokens = done + n
+            ends = request.num_computed_tokens == request.num_tokens_with_placeholders
+            step.ends_tokens.append(ends)
+            if ends and not request.is_pooling:
+                request.num_output_placeholders += 1
         return step
 
     def preempt(self, request: Request) -> None:
@@ -147,21 +162,24 @@ class Scheduler:
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
         self.waiting.prepend_request(request)
+        self._preempted_keys.append(request.key)
         self.num_preemptions += 1
 
     def update(self, step: ScheduledStep, sampled: dict[str, int]) -> list[Request]:
-        """Advance computed counts, append sampled tokens; return the requests that finished
-        (a pooling request finishes, and frees its blocks, in the step that ends its prompt)."""
+        """Take a step's results: append sampled tokens (in place of their placeholders) and
+        return the requests that finished (a pooling request finishes, and frees its blocks,
+        in the step that ends its prompt). A request finished meanwhile (aborted, or ended by
+        an earlier step while this one was in flight) takes nothing: its token is never seen.
+        One preempted meanwhile keeps its token: it was sampled from its real context."""
         finished = []
-        for request, n in zip(step.requests, step.num_tokens):
-            if request.status != RequestStatus.RUNNING:
+        for request, ends in zip(step.requests, step.ends_tokens):
+            if request.status == RequestStatus.FINISHED or not ends:
                 continue
-            request.num_computed_tokens += n
             if request.is_pooling:
-                if request.prefill_done:
-                    request.finish_reason = "stop"
-                    finished.append(request)
+                request.finish_reason = "stop"
+                finished.append(request)
                 continue
+            request.num_output_placeholders -= 1
             token = sampled.get(request.key)
             if token is not None and request.append_token(token):
                 finished.append(request)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Any
 
 from zllm.core.executor import Executor
@@ -10,14 +11,20 @@ from zllm.protocol.worker_messages import ExecuteModel, ModelOutput
 
 
 class UniprocExecutor(Executor):
+    runs_concurrently = False  # a step runs inside `submit`: there is nothing to overlap
+
     def __init__(self, engine_args: EngineArgs, model_config: ModelConfig) -> None:
         from zllm.worker.worker import Worker
 
         self.worker = Worker(engine_args, model_config)
         self.num_kv_blocks = self.worker.init_kv_cache(self.worker.available_kv_blocks())
+        self.outputs: deque[ModelOutput] = deque()
 
-    def execute_model(self, step: ExecuteModel) -> ModelOutput:
-        return self.worker.execute_model(step)
+    def submit(self, step: ExecuteModel) -> None:
+        self.outputs.append(self.worker.execute_model(step))  # nothing to overlap with here
+
+    def get_output(self) -> ModelOutput:
+        return self.outputs.popleft()
 
     def collective_rpc(
         self,

@@ -15,8 +15,24 @@ def backend(tokenizer):
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer, prompt_token_ids: list[int], skip_special_tokens: bool) -> None:
+    """`spaces_between_special_tokens=False` (with special tokens kept): an added token right
+    after another one is its bare content, without the space a decoder may put before it
+    (vLLM's rule for fast tokenizers)."""
+
+    def __init__(
+        self,
+        tokenizer,
+        prompt_token_ids: list[int],
+        skip_special_tokens: bool,
+        spaces_between_special_tokens: bool = True,
+    ) -> None:
         self._tokenizer = backend(tokenizer)
+        self._added: dict[int, str] = {}
+        if not (skip_special_tokens or spaces_between_special_tokens):
+            self._added = {
+                i: t.content for i, t in self._tokenizer.get_added_tokens_decoder().items()
+            }
+        self._last_added = bool(prompt_token_ids) and prompt_token_ids[-1] in self._added
         try:
             self._stream = DecodeStream(
                 ids=prompt_token_ids, skip_special_tokens=skip_special_tokens
@@ -26,7 +42,13 @@ class IncrementalDetokenizer:
 
     def step(self, token_id: int) -> str:
         """Text completed by this token ('' while a multi-byte character is still partial)."""
-        return self._stream.step(self._tokenizer, token_id) or ""
+        text = self._stream.step(self._tokenizer, token_id) or ""
+        if self._added:
+            content = self._added.get(token_id)
+            if content is not None and self._last_added:
+                text = content
+            self._last_added = content is not None
+        return text
 
 
 class TokenDecoder:

@@ -45,10 +45,10 @@ class EngineFrontend:
         try:
             tokenizer = None
             if not engine_args.skip_tokenizer_init and engine_args.model is not None:
-                tokenizer = _load_tokenizer(engine_args.tokenizer or engine_args.model)
+                tokenizer = _load_tokenizer(engine_args.tokenizer or engine_args.model, engine_args)
             ready = client.wait_ready()
             if tokenizer is None and not engine_args.skip_tokenizer_init:  # a daemon's model
-                tokenizer = _load_tokenizer(ready.model_config.tokenizer)
+                tokenizer = _load_tokenizer(ready.model_config.tokenizer, engine_args)
         except BaseException:
             client.shutdown()
             raise
@@ -217,7 +217,7 @@ def check_sleep_args(level: int | None = None, tags: list[str] | None = None) ->
             )
 
 
-def _load_tokenizer(path: str):
+def _load_tokenizer(path: str, engine_args: EngineArgs):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=engine_args.trust_remote_code)

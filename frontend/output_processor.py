@@ -52,7 +52,12 @@ class RequestState:
         self.lock = lock or threading.RLock()
         use_text = params.detokenize and tokenizer is not None
         self.detokenizer = (
-            IncrementalDetokenizer(tokenizer, prompt_token_ids, params.skip_special_tokens)
+            IncrementalDetokenizer(
+                tokenizer,
+                prompt_token_ids,
+                params.skip_special_tokens,
+                params.spaces_between_special_tokens,
+            )
             if use_text
             else None
         )

@@ -49,13 +49,14 @@ class EngineArgs(msgspec.Struct, kw_only=True):
     gpu_memory_utilization: float = 0.9
     tensor_parallel_size: int = 1
     distributed_executor_backend: str = "mp"  # "mp": one worker process per rank; "uni": in-process
-    enforce_eager: bool = False
+    # Eager is the only mode (no CUDA graphs yet): True, as vLLM users pass it; False is refused.
+    enforce_eager: bool = True
     load_format: str = "auto"  # "auto"/"safetensors": the checkpoint; "dummy": random weights
-    trust_remote_code: bool = False
+    trust_remote_code: bool = False  # passed to transformers: the tokenizer, `hf_config`
     engine_core_address: str | None = (
         None  # connect to a running `zllm engine-core` instead of spawning one
     )
-    disable_log_stats: bool = True
+    disable_log_stats: bool = True  # False: `AsyncLLM.do_log_stats()` logs a line of stats
     skip_tokenizer_init: bool = False
     # Bounds: what one request, or many, may cost the engine.
     max_logprobs: int = 20  # cap on logprobs / prompt_logprobs (vLLM's default); -1: no cap
@@ -63,6 +64,8 @@ class EngineArgs(msgspec.Struct, kw_only=True):
     step_timeout: float = 300.0  # seconds a step may take before the workers count as stuck
     # "fcfs": arrival order; "priority": lowest `priority` first (core/request_queue.py)
     scheduling_policy: str = "fcfs"
+    # Schedule step N+1 while the workers run step N (vLLM's name); False: one step at a time.
+    async_scheduling: bool = True
 
     # ---- vLLM's options that appear in its examples (docs/vllm-compat.md). Each works or is
     # refused here, naming itself: `check_vllm_options` in protocol/vllm_options.py.

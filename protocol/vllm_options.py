@@ -59,6 +59,12 @@ def check_vllm_options(args: Any) -> None:
             args.kv_cache_dtype,
             "not yet; the KV cache has the model's dtype ('auto')",
         )
+    if args.enforce_eager is not True:
+        raise unsupported(
+            "enforce_eager",
+            args.enforce_eager,
+            "the model always runs eagerly (no CUDA graphs yet); leave it True",
+        )
     if not _eager(args.compilation_config):
         raise unsupported(
             "compilation_config",

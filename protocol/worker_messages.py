@@ -18,29 +18,57 @@ from zllm.protocol.sampling_params import SamplingParams
 _STRUCT = dict(tag=True, kw_only=True, omit_defaults=True)
 
 
-class NewRequest(msgspec.Struct, kw_only=True, omit_defaults=True, array_like=True):
-    """Sent once, the first time a request is scheduled: what the worker keeps per request."""
+# A request has three names, each where it belongs: the caller's `request_id` (frontend <->
+# engine-core), the engine's `key` (unique across clients, engine-core only) and the worker's
+# `WorkerSlot`: the row of the worker's persistent batch the request holds from its first step
+# until it finishes (preemption keeps it). Only slots cross the engine-core <-> worker boundary.
+WorkerSlot = int
 
-    request_id: str
+
+class NewRequest(msgspec.Struct, kw_only=True, omit_defaults=True, array_like=True):
+    """Sent once, the first time a request is scheduled: what the worker keeps in `slot`."""
+
+    slot: WorkerSlot
     prompt_token_ids: list[int]
     sampling_params: SamplingParams | None = None
     pooling_params: PoolingParams | None = None  # set: pool the prompt instead of sampling
 
 
-class ScheduledChunk(msgspec.Struct, kw_only=True, array_like=True):
-    """Tokens of one request to run this step, from position `start`, and where its KV lives."""
+class SlotStart(msgspec.Struct, array_like=True):
+    """A request (re)enters the batch: new, or resumed after preemption. Its block table starts
+    empty (`new_block_ids` fill it) and its first `num_computed_tokens` are in the KV cache
+    already (a prefix-cache hit)."""
 
-    request_id: str
-    token_ids: list[int]
-    start: int
+    slot: WorkerSlot
+    num_computed_tokens: int
+
+
+class NewBlocks(msgspec.Struct, array_like=True):
+    """Blocks appended to a slot's block table."""
+
+    slot: WorkerSlot
     block_ids: list[int]
-    sample: bool  # the chunk reaches the end of the known tokens: sample the next one (or pool)
 
 
 class ExecuteModel(msgspec.Struct, **_STRUCT):
-    new_requests: list[NewRequest]
-    chunks: list[ScheduledChunk]
-    finished_request_ids: list[str]
+    """One step, as a change to the batch the worker keeps (`worker/input_batch.py`).
+
+    The worker knows each request's tokens (the prompt it got once, and every token it
+    sampled itself), its block table and how many of its tokens are computed; so a step
+    carries only what changed, and a decode step's size does not grow with the context.
+    Applied in field order: finished slots are freed (a new request may reuse one in the same
+    step), preempted slots lose their blocks, then new requests, starts and blocks arrive.
+    """
+
+    finished_slots: list[WorkerSlot] = []
+    preempted_slots: list[WorkerSlot] = []
+    new_requests: list[NewRequest] = []
+    started: list[SlotStart] = []
+    new_block_ids: list[NewBlocks] = []
+    # The step's requests in batch order, and how many tokens each computes (from its
+    # computed count): a request samples (or pools) when that reaches the end of its tokens.
+    slots: list[WorkerSlot] = []
+    num_scheduled_tokens: list[int] = []
 
 
 class WorkerCall(msgspec.Struct, **_STRUCT):
@@ -67,14 +95,15 @@ class WorkerFailed(msgspec.Struct, **_STRUCT):
 
 
 class ModelOutput(msgspec.Struct, **_STRUCT):
-    """Sampled ids for the chunks that asked for one, in chunk order; pooled vectors of the
-    pooling requests whose prompt ended this step (float32 bytes)."""
+    """One token per request of the step that sampled, in batch order (engine-core knows which
+    did: those whose chunk reached the end of their tokens); their logprobs when asked; prompt
+    logprobs of this step's chunk and the vectors of pooling requests whose prompt ended, by
+    slot."""
 
-    request_ids: list[str]
     sampled_token_ids: list[int]
     logprobs: list[Logprobs | None] = []
-    prompt_logprobs: dict[str, Logprobs] = {}  # per request: this step's chunk of its prompt
-    pooled: dict[str, bytes] = {}
+    prompt_logprobs: dict[WorkerSlot, Logprobs] = {}
+    pooled: dict[WorkerSlot, bytes] = {}  # float32 bytes
 
 
 class WorkerReply(msgspec.Struct, **_STRUCT):

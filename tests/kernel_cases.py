@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from zllm.worker.input_batch import inputs_for_chunks
 from zllm.worker.layers.attention import TorchAttentionMetadata, paged_attention
 
 
@@ -88,7 +89,8 @@ def run_case(case: Case, device: str, **backend_options) -> dict[str, torch.Tens
     for start, n, table in chunks:
         for pos in range(start + n):
             written[:, table[pos // bs], pos % bs] = True
-    meta = TorchAttentionMetadata.build(chunks, bs, torch.device("cpu"))
+    inputs = inputs_for_chunks(chunks, bs)
+    meta = TorchAttentionMetadata.build(inputs, bs, torch.device("cpu"))
     expected = paged_attention(q.float(), k.float(), v.float(), oracle_cache, meta, scale)
 
     dev = torch.device(device)
@@ -105,7 +107,7 @@ def run_case(case: Case, device: str, **backend_options) -> dict[str, torch.Tens
     )
     cache = poisoned.to(dev)
     out = torch.full((num_tokens, hq, d), float("nan"), dtype=case.dtype, device=dev)
-    tmeta = backend.build_metadata(chunks)
+    tmeta = backend.build_metadata(inputs)
     tmeta.attend(q.to(dev), k.to(dev), v.to(dev), cache, scale, out=out)
     return {
         "out": out.cpu().float(),

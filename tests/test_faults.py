@@ -34,7 +34,7 @@ def runs(tiny_checkpoints, tmp_path_factory):
         name: ScenarioProcess(
             "fault_scenarios.py", name, model, env={"TMPDIR": str(tmp_path_factory.mktemp(name))}
         )
-        for name in ("kill_worker", "kill_core", "frontend")
+        for name in ("kill_worker", "kill_rank", "kill_core", "frontend")
     }
     yield procs
     for proc in procs.values():
@@ -61,6 +61,15 @@ def test_sigkill_worker_fails_every_stream_with_the_cause(runs):
     _check_streams_died(result, "worker rank 0")
     assert "SIGKILL" in result["streams"][0]["error"]
     assert result["core_gone_s"] is not None  # engine-core exits after losing a worker
+
+
+@pytest.mark.timeout(TIMEOUT_S + 30)
+def test_sigkill_one_tensor_parallel_rank_fails_every_stream(runs):
+    """Rank 0 is left waiting in a collective for rank 1: the core still notices at once,
+    and no process of the engine is left."""
+    result = runs["kill_rank"].result(TIMEOUT_S)
+    _check_streams_died(result, "worker rank 1")
+    assert result["all_gone_s"] is not None
 
 
 @pytest.mark.timeout(TIMEOUT_S + 30)

@@ -98,15 +98,13 @@ CORE_MESSAGES = [
 ]
 TO_WORKER = [
     w.ExecuteModel(
-        new_requests=[
-            w.NewRequest(request_id="c/r1", prompt_token_ids=[1, 2, 3], sampling_params=PARAMS)
-        ],
-        chunks=[
-            w.ScheduledChunk(
-                request_id="c/r1", token_ids=[1, 2, 3], start=0, block_ids=[7], sample=True
-            )
-        ],
-        finished_request_ids=["c/r0"],
+        finished_slots=[0],
+        preempted_slots=[2],
+        new_requests=[w.NewRequest(slot=0, prompt_token_ids=[1, 2, 3], sampling_params=PARAMS)],
+        started=[w.SlotStart(0, 0), w.SlotStart(2, 16)],
+        new_block_ids=[w.NewBlocks(0, [7]), w.NewBlocks(2, [3, 9])],
+        slots=[0, 2, 1],
+        num_scheduled_tokens=[3, 5, 1],
     ),
     w.WorkerCall(call_id=1, method="sleep", args=[1]),
 ]
@@ -114,10 +112,10 @@ TO_CORE = [
     w.WorkerHello(rank=0, pid=99, num_kv_blocks=10),
     w.WorkerFailed(rank=1, error="Traceback ..."),
     w.ModelOutput(
-        request_ids=["c/r1"],
         sampled_token_ids=[4],
         logprobs=[LOGPROBS],
-        prompt_logprobs={"c/r1": LOGPROBS},
+        prompt_logprobs={0: LOGPROBS},
+        pooled={3: b"\x00\x00\x80?"},
     ),
     w.WorkerReply(rank=0, call_id=1, result=True),
 ]
@@ -127,7 +125,15 @@ DECODERS = [
     (TO_WORKER, w.decode_for_worker),
     (TO_CORE, w.decode_for_core),
 ]
-NESTED = [LOGPROBS, STATS, UPDATE, TO_WORKER[0].new_requests[0], TO_WORKER[0].chunks[0], PARAMS]
+NESTED = [
+    LOGPROBS,
+    STATS,
+    UPDATE,
+    TO_WORKER[0].new_requests[0],
+    TO_WORKER[0].started[0],
+    TO_WORKER[0].new_block_ids[0],
+    PARAMS,
+]
 
 
 def _structs_of(module) -> set[type]:

@@ -10,7 +10,9 @@ import zlib
 from zllm.core.kv_cache_manager import KVCacheManager
 from zllm.core.request import Request, RequestStatus
 from zllm.core.scheduler import ScheduledStep, Scheduler
+from zllm.core.worker_batch import WorkerBatch
 from zllm.protocol.sampling_params import SamplingParams
+from zllm.protocol.worker_messages import ExecuteModel
 
 EOS = 2
 
@@ -46,11 +48,7 @@ def make_scheduler(
 def run_step(sched: Scheduler, token: int = 7) -> tuple[ScheduledStep, dict[str, int]]:
     """One engine step with a fake model; returns the step and the chunk size per request."""
     step = sched.schedule()
-    sampled = {
-        r.key: token
-        for r, n in zip(step.requests, step.num_tokens)
-        if r.num_computed_tokens + n == r.num_tokens
-    }
+    sampled = {r.key: token for r, ends in zip(step.requests, step.ends_tokens) if ends}
     sched.update(step, sampled)
     return step, {r.key: n for r, n in zip(step.requests, step.num_tokens)}
 
@@ -197,22 +195,30 @@ def test_a_prompt_shares_blocks_scheduled_earlier_in_the_same_step() -> None:
 
 def test_abort_returns_blocks_and_tells_the_workers_once() -> None:
     sched = make_scheduler(num_blocks=8, max_num_batched_tokens=64)
+    batch = WorkerBatch(sched.kv)
+
+    def message() -> ExecuteModel:
+        step = sched.schedule()
+        built, _ = batch.build(step)
+        sched.update(step, {r.key: 7 for r, ends in zip(step.requests, step.ends_tokens) if ends})
+        return built
+
     a, b, c = (make_request(k, 6, max_tokens=10) for k in "abc")
     for r in (a, b, c):
         sched.add(r)
     sched.max_num_seqs = 2  # c stays waiting
-    run_step(sched)
+    first = message()
+    assert [n.slot for n in first.new_requests] == first.slots == [0, 1]
     sched.finish(a, "abort")
     sched.finish(c, "abort")  # never reached a worker
     assert a.finish_reason == "abort" and a.status == RequestStatus.FINISHED
-    step, _ = run_step(sched)
-    assert step.finished_keys == ["a"]
+    assert message().finished_slots == [0]
     sched.finish(b, "abort")
     assert sched.kv.num_used_blocks == 0 and not sched.has_work()
-    step = sched.schedule()
-    assert step.requests == [] and step.finished_keys == []
+    assert message() == ExecuteModel()  # nothing runs: the workers hear of b next time
     sched.add(make_request("d", 3))
-    assert sched.schedule().finished_keys == ["b"]
+    last = message()
+    assert last.finished_slots == [1] and last.new_requests[0].slot == 0  # a's slot, reused
 
 
 def test_eos_and_max_tokens_finish_requests() -> None:

@@ -136,23 +136,25 @@ class SchedulerMachine(RuleBasedStateMachine):
         assert len(step.requests) <= sched.max_num_seqs
         assert step.total_tokens <= self.budget
         sampled = {}
-        for request, n in zip(step.requests, step.num_tokens):
+        for request, n, ends in zip(step.requests, step.num_tokens, step.ends_tokens):
             assert request.status == RequestStatus.RUNNING
-            end = request.num_computed_tokens + n
+            end = request.num_computed_tokens  # counted as computed when scheduled
+            start = end - n
             assert 1 <= n and end <= request.num_tokens
+            assert ends == (end == request.num_tokens)
             if not self.chunked:
                 assert end == request.num_tokens  # a prompt runs whole
             # The fake worker writes this chunk's KV, for every request, before anyone reads.
             blocks = self.kv.block_ids(request)
             assert len(blocks) == self.kv.blocks_needed(end)
-            for pos in range(request.num_computed_tokens, end):
+            for pos in range(start, end):
                 key = (blocks[pos // bs], pos % bs)
                 self.kv_store[key] = (request.extra_hash_key, *request.token_ids[: pos + 1])
-            if end == request.num_tokens:
+            if ends:
                 sampled[request.key] = draw_token()
-        for request, n in zip(step.requests, step.num_tokens):
+        for request in step.requests:
             blocks = self.kv.block_ids(request)
-            for pos in range(request.num_computed_tokens + n):
+            for pos in range(request.num_computed_tokens):
                 want = (request.extra_hash_key, *request.token_ids[: pos + 1])
                 assert self.kv_store.get((blocks[pos // bs], pos % bs)) == want, "read wrong KV"
         self.ended += sched.update(step, sampled)
@@ -171,7 +173,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         # Every request a worker saw is dropped exactly once (the last may still be pending).
         told = self.told_workers + self.sched._finished_keys
         assert len(told) == len(set(told))
-        assert set(told) == {r.key for r in self.ended if r.sent_to_worker}
+        assert set(told) == {r.key for r in self.ended}
 
     # ---- invariants, after every operation -------------------------------------------------
 

@@ -132,7 +132,7 @@ def test_a_killed_frontend_leaves_no_socket_files(tiny_checkpoints, tmp_path) ->
     )
     try:
         run.read_json_line(90)
-        assert len(list(tmp_path.glob("zllm-*/*.sock"))) == 3  # core input, output, workers
+        assert len(list(tmp_path.glob("zllm-*/*.sock"))) == 4  # core input, output; workers, steps
         run.kill()
         deadline = time.monotonic() + 5
         while list(tmp_path.glob("zllm-*")) and time.monotonic() < deadline:

@@ -366,6 +366,9 @@ def test_engine_args_normalise_vllm_spellings() -> None:
         EngineArgs(swap_space=-1)
     with pytest.raises(ValueError, match="dtype"):
         EngineArgs(dtype="float8")
+    assert EngineArgs(enforce_eager=True).enforce_eager  # eager is the only mode
+    with pytest.raises(NotImplementedError, match="enforce_eager=False"):
+        EngineArgs(enforce_eager=False)
     args = EngineArgs(revision="v2", enable_sleep_mode=True)
     assert msgspec.json.decode(msgspec.json.encode(args), type=EngineArgs) == args
 

@@ -12,6 +12,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from zllm.protocol.config import ModelConfig
+from zllm.worker.checkpoint_tensor import CheckpointTensor
 from zllm.worker.dummy_weights import dummy_weights
 from zllm.worker.models import Model, model_class
 
@@ -30,8 +31,9 @@ def checkpoint_files(path: str) -> list[Path]:
 
 def safetensors_weights(
     path: str, device: torch.device, dtype: torch.dtype, progress: bool
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """Each tensor of the checkpoint (mmap'd, one at a time), on `device` in `dtype`."""
+) -> Iterator[tuple[str, CheckpointTensor]]:
+    """Each tensor of the checkpoint (mmap'd, one at a time), read when its consumer asks for
+    it (a tensor-parallel rank: only its slice), to `device` in `dtype`."""
     files = checkpoint_files(path)
     with tqdm(
         total=len(files), desc="Loading safetensors", unit="file", disable=not progress
@@ -39,7 +41,7 @@ def safetensors_weights(
         for file in files:
             with safe_open(file, framework="pt", device="cpu") as f:
                 for name in f.keys():
-                    yield name, f.get_tensor(name).to(device=device, dtype=dtype)
+                    yield name, CheckpointTensor.from_safetensors(f, name, device, dtype)
             bar.update(1)
 
 
@@ -75,7 +77,9 @@ def load_model(
         parts = len(getattr(model.get_submodule(name.rsplit(".", 1)[0]), "local_sizes", [0]))
         expected |= {name} | {f"{name}#{i}" for i in range(1, parts)}  # stacked q/k/v, gate/up
     if load_format == "dummy":
-        weights = dummy_weights(config, device, dtype, seed)
+        weights = (
+            (name, CheckpointTensor.of(t)) for name, t in dummy_weights(config, device, dtype, seed)
+        )
     else:
         weights = safetensors_weights(config.path, device, dtype, progress)
     loaded: set[str] = set()

@@ -1,8 +1,9 @@
 """Worker process entry point: `python -m zllm.worker.main` (started by engine-core).
 
-Connects a DEALER to the core's worker socket, loads the model, reports how many KV
-blocks fit, then serves `ExecuteModel` and `WorkerCall` frames until told to stop or the
-core goes away. Any failure is reported as `WorkerFailed` with the real traceback.
+Subscribes to the core's step broadcast, connects a DEALER to the core's worker socket for
+its answers, loads the model, reports how many KV blocks fit, then serves `ExecuteModel` and
+`WorkerCall` frames until told to stop or the core goes away. Any failure is reported as
+`WorkerFailed` with the real traceback.
 """
 
 from __future__ import annotations
@@ -31,12 +32,22 @@ logger = logging.getLogger("zllm.worker")
 
 
 def run_worker(
-    address: str, rank: int, world_size: int, dist_init_method: str | None, config_json: bytes
+    address: str,
+    broadcast_address: str,
+    rank: int,
+    world_size: int,
+    dist_init_method: str | None,
+    config_json: bytes,
 ) -> None:
     engine_args, model_config = msgspec.json.decode(
         config_json, type=tuple[EngineArgs, ModelConfig]
     )
     ctx = zmq.Context()
+    steps = ctx.socket(zmq.SUB)
+    steps.setsockopt(zmq.LINGER, 0)
+    steps.setsockopt(zmq.RCVHWM, 0)  # never drop a step
+    steps.setsockopt(zmq.SUBSCRIBE, b"")
+    steps.connect(broadcast_address)
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.IDENTITY, rank.to_bytes(2, "little"))
     sock.setsockopt(zmq.LINGER, 2000)
@@ -51,7 +62,7 @@ def run_worker(
             )
         )
         while True:
-            message = decode_for_worker(sock.recv())
+            message = decode_for_worker(steps.recv())
             if isinstance(message, ExecuteModel):
                 output = worker.execute_model(message)
                 if rank == 0:
@@ -76,6 +87,7 @@ def run_worker(
             sock.send(encode(WorkerFailed(rank=rank, error=f"{type(e).__name__}: {e}\n{detail}")))
         raise
     finally:
+        steps.close()
         sock.close()
         ctx.term()
 
@@ -85,17 +97,20 @@ def main() -> None:
         level=os.environ.get("ZLLM_LOG_LEVEL", "WARNING"),
         format="%(asctime)s worker %(levelname)s %(message)s",
     )
-    address, rank, world_size, dist_init = (
+    address, broadcast_address, rank, world_size, dist_init = (
         sys.argv[1],
-        int(sys.argv[2]),
+        sys.argv[2],
         int(sys.argv[3]),
-        sys.argv[4],
+        int(sys.argv[4]),
+        sys.argv[5],
     )
     die_with_parent()
-    remove_at_exit(address)  # engine-core's private socket: gone with whichever of us is last
+    # engine-core's private sockets: gone with whichever of us is last
+    remove_at_exit(address)
+    remove_at_exit(broadcast_address)
     config_json = sys.stdin.buffer.read()
     try:
-        run_worker(address, rank, world_size, dist_init or None, config_json)
+        run_worker(address, broadcast_address, rank, world_size, dist_init or None, config_json)
     except Exception:
         sys.exit(1)
 

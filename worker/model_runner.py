@@ -1,19 +1,26 @@
-"""Turns a scheduled step into tensors, runs the model, samples (or pools), and keeps
-per-request state."""
+"""Applies a step to the persistent batch, runs the model, samples (or pools).
+
+Per-request state lives in `worker/input_batch.py`, indexed by slot. Under tensor
+parallelism every rank keeps the same batch and runs the same step; the logits are gathered
+on rank 0, which alone samples and then broadcasts the sampled ids, so every rank's batch
+holds the same tokens (the next step's inputs).
+"""
 
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+import numpy as np
 import torch
+import torch.distributed as dist
 
 from zllm.protocol.config import ModelConfig
 from zllm.protocol.messages import Logprobs
-from zllm.protocol.sampling_params import SamplingParams
-from zllm.protocol.worker_messages import ExecuteModel, ModelOutput
+from zllm.protocol.worker_messages import ExecuteModel, ModelOutput, NewRequest, WorkerSlot
 from zllm.worker import transfer
+from zllm.worker.input_batch import InputBatch, SlotState, StepInputs
 from zllm.worker.layers.attention import AttentionBackend, TorchAttentionBackend
+from zllm.worker.layers.linear import tp_rank, tp_size
 from zllm.worker.models.interface import Model
 from zllm.worker.pooler import Pooler, PoolingChunk
 from zllm.worker.sampler import Sampler, SamplingRequest, gather_logprobs
@@ -22,21 +29,10 @@ PROMPT_LOGPROBS_ROWS = 512  # prompt positions per logits matmul: bounds the [ro
 
 
 @dataclass
-class RequestState:
-    """What a worker remembers about a request between steps."""
-
-    params: SamplingParams
-    prompt_token_ids: list[int]
-    output_token_ids: list[int] = field(default_factory=list)
-    generator: torch.Generator | None = None
-    next_prompt_logprob: int = 1  # first prompt position whose logprob is still owed
-
-
-@dataclass
 class _PromptRows:
     """Hidden rows of one chunk that predict prompt tokens."""
 
-    key: str
+    slot: WorkerSlot
     first_row: int
     targets: list[int]  # the prompt tokens those rows predict
     k: int
@@ -51,6 +47,7 @@ class ModelRunner:
         device: torch.device,
         block_size: int,
         attn_backend: AttentionBackend | None = None,
+        max_num_seqs: int = 256,
     ) -> None:
         self.model = model
         self.config = config
@@ -61,8 +58,9 @@ class ModelRunner:
         self.sampler = Sampler(
             config.vocab_size, device, fused_argmax=self.attn_backend.name == "triton"
         )
-        self.requests: dict[str, RequestState] = {}
+        self.batch = InputBatch(max_num_seqs, config.max_model_len, block_size)
         self.pooler = Pooler(config.pooler_config, device) if config.pooler_config else None
+        self.samples = tp_rank() == 0  # the other ranks get the sampled ids from rank 0
 
     # ---- KV cache ------------------------------------------------------------------------------
 
@@ -89,96 +87,105 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, step: ExecuteModel) -> ModelOutput:
-        for key in step.finished_request_ids:
-            self.requests.pop(key, None)
-            if self.pooler is not None:
-                self.pooler.drop(key)
-        for new in step.new_requests:
-            if new.pooling_params is not None:
-                self._require_pooler().add(
-                    new.request_id, new.pooling_params, len(new.prompt_token_ids)
-                )
-                continue
-            generator = None
-            if new.sampling_params.seed is not None and not new.sampling_params.greedy:
-                generator = torch.Generator(device=self.device)
-                generator.manual_seed(new.sampling_params.seed)
-            self.requests[new.request_id] = RequestState(
-                new.sampling_params, new.prompt_token_ids, generator=generator
-            )
-
-        input_ids: list[int] = []
-        positions: list[int] = []
-        meta_chunks = []
-        sample_rows: list[int] = []
-        sample_keys: list[str] = []
-        prompt_rows: list[_PromptRows] = []
-        pool_chunks: list[PoolingChunk] = []
-        for chunk in step.chunks:
-            n = len(chunk.token_ids)
-            state = self.requests.get(chunk.request_id)
-            if state is not None and state.params.prompt_logprobs is not None:
-                rows = self._plan_prompt_logprobs(state, chunk.request_id, chunk.start, n)
-                if rows is not None:
-                    rows.first_row += len(input_ids)
-                    prompt_rows.append(rows)
-            input_ids.extend(chunk.token_ids)
-            positions.extend(range(chunk.start, chunk.start + n))
-            meta_chunks.append((chunk.start, n, chunk.block_ids))
-            if self.pooler is not None and chunk.request_id in self.pooler:
-                pool_chunks.append(
-                    PoolingChunk(chunk.request_id, len(input_ids) - n, n, chunk.start, chunk.sample)
-                )
-            elif chunk.sample:
-                sample_rows.append(len(input_ids) - 1)
-                sample_keys.append(chunk.request_id)
+        if self.pooler is not None:  # before `apply`: a new request may reuse the slot
+            for slot in step.finished_slots:
+                self.pooler.drop(slot)
+        self.batch.apply(step, self._new_state)
+        if not step.slots:
+            return ModelOutput(sampled_token_ids=[])
+        inputs = self.batch.prepare(step.slots, step.num_scheduled_tokens)
+        prompt_rows = self._plan_prompt_logprobs(inputs)
+        pooling = self.batch.pooling[inputs.slots]
+        sample_index = np.flatnonzero(inputs.ends & ~pooling)
 
         # Host->device copies are queued without waiting; device->host copies are queued
         # too, and complete when the sampled ids reach the host: one wait per step.
-        to_device = functools.partial(transfer.to_device, device=self.device)
-        meta = self.attn_backend.build_metadata(meta_chunks)
-        ids_t = to_device(input_ids, torch.long)
-        pos_t = to_device(positions, torch.long)
-        sample_t = to_device(sample_rows, torch.long)
+        meta = self.attn_backend.build_metadata(inputs)
+        ids_t = transfer.to_device(inputs.input_ids, torch.long, self.device)
+        pos_t = transfer.to_device(inputs.positions, torch.long, self.device)
+        last_rows = inputs.query_start[sample_index + 1] - 1
+        sample_t = transfer.to_device(last_rows, torch.long, self.device)
         for rows in prompt_rows:
-            rows.targets_t = to_device(rows.targets, torch.long)
+            rows.targets_t = transfer.to_device(rows.targets, torch.long, self.device)
         hidden = self.model(ids_t, pos_t, self.kv_caches, meta)
-        prompt_parts = {rows.key: self._prompt_logprobs(hidden, rows) for rows in prompt_rows}
-        pooled = self.pooler.pool(hidden, pool_chunks) if pool_chunks else {}
+        prompt_parts = {rows.slot: self._prompt_logprobs(hidden, rows) for rows in prompt_rows}
+        pooled = {}
+        if pooling.any() and self.samples:
+            pooled = self._require_pooler().pool(hidden, self._pool_chunks(inputs, pooling))
         sampled: list[int] = []
         logprobs: list[Logprobs | None] = []
-        if sample_keys:
-            states = [self.requests[k] for k in sample_keys]
-            logits = self.model.logits(hidden[sample_t])
-            rows = [
-                SamplingRequest(
-                    s.params,
-                    s.prompt_token_ids,
-                    s.output_token_ids,
-                    s.generator,
-                    self.config.eos_token_ids,
-                )
-                for s in states
-            ]
-            out = self.sampler(logits, rows)
-            gathered = self._gather_sample_logprobs(out.logprobs, out.token_ids, states)
-            sampled = out.token_ids.tolist()  # the step's wait for the device
-            for state, token in zip(states, sampled):
-                state.output_token_ids.append(token)
+        if len(sample_index):
+            slots = inputs.slots[sample_index]
+            logits = self.model.logits(hidden[sample_t])  # None on ranks other than 0
+            token_ids, gathered = self._sample(logits, slots)
+            sampled = token_ids.tolist()  # the step's wait for the device
+            self.batch.append_tokens(slots, np.asarray(sampled, np.int64))
             if gathered is not None:
-                logprobs = _split(gathered, [s.params.logprobs for s in states], self._top_k)
+                ks = [self.batch.states[s].sampling_params.logprobs for s in slots.tolist()]
+                logprobs = _split(gathered, ks, self._top_k)
         # Each chunk's prompt logprobs go out with its own step: what a step ships is bounded by
         # the step's size, never by the prompt's.
-        if prompt_parts and not sample_keys and self.device.type == "cuda":
+        if prompt_parts and not len(sample_index) and self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()  # no sampled ids to wait on
-        prompt_logprobs = {key: _to_logprobs(parts) for key, parts in prompt_parts.items()}
+        prompt_logprobs = {
+            slot: _to_logprobs(parts) for slot, parts in prompt_parts.items() if parts
+        }
         return ModelOutput(
-            request_ids=sample_keys,
             sampled_token_ids=sampled,
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
             pooled=pooled,
         )
+
+    def _new_state(self, new: NewRequest) -> SlotState:
+        params = new.sampling_params
+        if new.pooling_params is not None:
+            self._require_pooler().add(new.slot, new.pooling_params, len(new.prompt_token_ids))
+        generator = None
+        if params is not None and params.seed is not None and not params.greedy and self.samples:
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(params.seed)
+        return SlotState(params, new.pooling_params, new.prompt_token_ids, generator)
+
+    def _sample(
+        self, logits: torch.Tensor | None, slots: np.ndarray
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        """Sampled ids `[S]` on the device (every rank), and the logprobs asked for (rank 0)."""
+        gathered = None
+        if not self.samples:
+            token_ids = torch.empty(len(slots), dtype=torch.long, device=self.device)
+        elif self.batch.plain_greedy[slots].all():
+            token_ids = self.sampler.argmax(logits)
+        else:
+            states = [self.batch.states[s] for s in slots.tolist()]
+            rows = [
+                SamplingRequest(
+                    state.sampling_params,
+                    state.prompt_token_ids,
+                    self.batch.output_token_ids(slot) if state.reads_output_tokens else [],
+                    state.generator,
+                    self.config.eos_token_ids,
+                )
+                for slot, state in zip(slots.tolist(), states)
+            ]
+            out = self.sampler(logits, rows)
+            token_ids = out.token_ids
+            gathered = self._gather_sample_logprobs(out.logprobs, token_ids, states)
+        if tp_size() > 1:
+            dist.broadcast(token_ids, src=0)
+        return token_ids, gathered
+
+    def _pool_chunks(self, inputs: StepInputs, pooling: np.ndarray) -> list[PoolingChunk]:
+        return [
+            PoolingChunk(
+                int(inputs.slots[i]),
+                int(inputs.query_start[i]),
+                int(inputs.num_scheduled[i]),
+                int(inputs.start[i]),
+                bool(inputs.ends[i]),
+            )
+            for i in np.flatnonzero(pooling).tolist()
+        ]
 
     def _require_pooler(self) -> Pooler:
         if self.pooler is None:
@@ -191,34 +198,41 @@ class ModelRunner:
         return self.config.vocab_size if k == -1 else min(k, self.config.vocab_size)
 
     def _gather_sample_logprobs(
-        self, raw: torch.Tensor | None, token_ids: torch.Tensor, states: list[RequestState]
+        self, raw: torch.Tensor | None, token_ids: torch.Tensor, states: list[SlotState]
     ) -> tuple[torch.Tensor, ...] | None:
         """Chosen token + top-k of the raw distribution for the whole batch, on the device."""
         if raw is None:
             return None
-        k_max = max(self._top_k(s.params.logprobs) for s in states if s.params.logprobs is not None)
+        ks = [s.sampling_params.logprobs for s in states]
+        k_max = max(self._top_k(k) for k in ks if k is not None)
         return transfer.to_host(gather_logprobs(raw, token_ids, k_max))
 
-    def _plan_prompt_logprobs(
-        self, state: RequestState, key: str, start: int, n: int
-    ) -> _PromptRows | None:
-        """Rows of this chunk whose next token is a prompt token not yet scored.
+    def _plan_prompt_logprobs(self, inputs: StepInputs) -> list[_PromptRows]:
+        """Per request that asked for prompt logprobs: the rows of its chunk whose next token
+        is a prompt token not yet scored.
 
-        Position p predicts prompt token p + 1; a recomputed chunk (after preemption)
-        scores nothing twice.
+        Position p predicts prompt token p + 1; a recomputed chunk (after preemption) scores
+        nothing twice.
         """
-        prompt = state.prompt_token_ids
-        first = max(start, state.next_prompt_logprob - 1)
-        end = min(start + n, len(prompt) - 1)
-        if first >= end:
-            return None
-        state.next_prompt_logprob = end + 1
-        return _PromptRows(
-            key=key,
-            first_row=first - start,
-            targets=prompt[first + 1 : end + 1],
-            k=self._top_k(state.params.prompt_logprobs),
-        )
+        planned = []
+        for i in np.flatnonzero(self.batch.prompt_logprobs[inputs.slots]).tolist():
+            slot = int(inputs.slots[i])
+            state = self.batch.states[slot]
+            start = int(inputs.start[i])
+            prompt = state.prompt_token_ids
+            first = max(start, state.next_prompt_logprob - 1)
+            end = min(start + int(inputs.num_scheduled[i]), len(prompt) - 1)
+            if first >= end:
+                continue
+            state.next_prompt_logprob = end + 1
+            rows = _PromptRows(
+                slot=slot,
+                first_row=int(inputs.query_start[i]) + first - start,
+                targets=prompt[first + 1 : end + 1],
+                k=self._top_k(state.sampling_params.prompt_logprobs),
+            )
+            planned.append(rows)
+        return planned
 
     def _prompt_logprobs(
         self, hidden: torch.Tensor, rows: _PromptRows
@@ -229,7 +243,10 @@ class ModelRunner:
         for lo in range(0, len(rows.targets), PROMPT_LOGPROBS_ROWS):
             hi = min(lo + PROMPT_LOGPROBS_ROWS, len(rows.targets))
             h = hidden[rows.first_row + lo : rows.first_row + hi]
-            logprobs = torch.log_softmax(self.model.logits(h).float(), dim=-1)
+            logits = self.model.logits(h)  # every rank: it gathers on rank 0
+            if logits is None:
+                continue
+            logprobs = torch.log_softmax(logits, dim=-1)
             parts.append(transfer.to_host(gather_logprobs(logprobs, targets[lo:hi], rows.k)))
         return parts
 

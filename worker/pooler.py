@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from zllm.protocol.pooler_config import PoolerConfig
 from zllm.protocol.pooling_params import PoolingParams
+from zllm.protocol.worker_messages import WorkerSlot
 from zllm.worker.transfer import to_device
 
 
@@ -23,7 +24,7 @@ from zllm.worker.transfer import to_device
 class PoolingChunk:
     """Rows [first_row, first_row + n) of the step's batch: prompt positions [start, start + n)."""
 
-    key: str
+    key: WorkerSlot
     first_row: int
     n: int
     start: int
@@ -42,18 +43,15 @@ class Pooler:
         self.pooling_type = config.pooling_type
         self.default_normalize = config.normalize
         self.device = device
-        self.requests: dict[str, _Pooling] = {}
+        self.requests: dict[WorkerSlot, _Pooling] = {}
 
-    def __contains__(self, key: str) -> bool:
-        return key in self.requests
-
-    def add(self, key: str, params: PoolingParams, num_prompt_tokens: int) -> None:
+    def add(self, key: WorkerSlot, params: PoolingParams, num_prompt_tokens: int) -> None:
         self.requests[key] = _Pooling(params, num_prompt_tokens)
 
-    def drop(self, key: str) -> None:
+    def drop(self, key: WorkerSlot) -> None:
         self.requests.pop(key, None)
 
-    def pool(self, hidden: torch.Tensor, chunks: list[PoolingChunk]) -> dict[str, bytes]:
+    def pool(self, hidden: torch.Tensor, chunks: list[PoolingChunk]) -> dict[WorkerSlot, bytes]:
         """Fold this step's chunks in; return the finished requests' vectors."""
         for chunk in chunks:
             if chunk.start == 0:
@@ -122,7 +120,7 @@ class Pooler:
         return list(stacked)
 
 
-def _to_bytes(keys: list[str], vectors: list[torch.Tensor]) -> dict[str, bytes]:
+def _to_bytes(keys: list[WorkerSlot], vectors: list[torch.Tensor]) -> dict[WorkerSlot, bytes]:
     """One device->host copy for the step's vectors, then each as float32 LE bytes."""
     host = torch.cat(vectors).to("cpu").numpy().astype("<f4", copy=False)
     out, offset = {}, 0

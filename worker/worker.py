@@ -14,7 +14,15 @@ import torch
 import torch.distributed as dist
 
 from zllm.protocol.config import EngineArgs, ModelConfig
-from zllm.protocol.worker_messages import ExecuteModel, ModelOutput, ScheduledChunk
+from zllm.protocol.pooling_params import PoolingParams
+from zllm.protocol.sampling_params import SamplingParams
+from zllm.protocol.worker_messages import (
+    ExecuteModel,
+    ModelOutput,
+    NewBlocks,
+    NewRequest,
+    SlotStart,
+)
 from zllm.worker.layers.backend import attention_backend_name, make_attention_backend
 from zllm.worker.layers.encoder_attention import EncoderAttentionBackend
 from zllm.worker.loader import load_model
@@ -91,7 +99,12 @@ class Worker:
             model_config.max_model_len,
         )
         self.runner = ModelRunner(
-            self.model, model_config, self.device, engine_args.block_size, attn_backend
+            self.model,
+            model_config,
+            self.device,
+            engine_args.block_size,
+            attn_backend,
+            engine_args.max_num_seqs,
         )
         self.num_kv_blocks = 0
         self.weights_where = "device"  # "device" | "host" (level-1 sleep) | "dropped" (level 2)
@@ -152,14 +165,20 @@ class Worker:
         bs = self.engine_args.block_size
         blocks = -(-tokens // bs)
         self.runner.allocate_kv_cache(blocks, self.num_kv_heads)
-        chunk = ScheduledChunk(
-            request_id="profile",
-            token_ids=[0] * tokens,
-            start=0,
-            block_ids=list(range(blocks)),
-            sample=False,
+        # Slot 0, freed at once: the engine has not handed out any slot yet.
+        prompt = NewRequest(slot=0, prompt_token_ids=[0] * tokens, sampling_params=SamplingParams())
+        if not self.model.can_generate:
+            prompt.sampling_params, prompt.pooling_params = None, PoolingParams()
+        self.runner.execute(
+            ExecuteModel(
+                new_requests=[prompt],
+                started=[SlotStart(0, 0)],
+                new_block_ids=[NewBlocks(0, list(range(blocks)))],
+                slots=[0],
+                num_scheduled_tokens=[tokens],
+            )
         )
-        self.runner.execute(ExecuteModel(new_requests=[], chunks=[chunk], finished_request_ids=[]))
+        self.runner.execute(ExecuteModel(finished_slots=[0]))
         torch.cuda.synchronize()
         self.runner.free_kv_cache()
 

@@ -1,7 +1,7 @@
 """Processes dying under a running engine, one scenario per process.
 
-`python fault_scenarios.py SCENARIO MODEL_PATH` prints JSON lines. `kill_worker` and
-`kill_core` SIGKILL a process of a live multi-process engine while 8 streams generate and
+`python fault_scenarios.py SCENARIO MODEL_PATH` prints JSON lines. `kill_worker`,
+`kill_rank` (rank 1 of 2) and `kill_core` SIGKILL a process of a live multi-process engine while 8 streams generate and
 report how each caller learned of it; `frontend` prints its engine's pids once generation
 runs and then keeps generating until the test SIGKILLs it.
 """
@@ -22,8 +22,12 @@ from zllm import AsyncLLM, EngineArgs, EngineDeadError, SamplingParams
 LONG = SamplingParams(max_tokens=900, ignore_eos=True, temperature=0)
 
 
-def make_engine(model: str) -> AsyncLLM:
-    return AsyncLLM(EngineArgs(model=model, kv_cache_memory_bytes=2**24))  # "mp": real workers
+def make_engine(model: str, tensor_parallel_size: int = 1) -> AsyncLLM:
+    return AsyncLLM(  # "mp": real workers
+        EngineArgs(
+            model=model, kv_cache_memory_bytes=2**24, tensor_parallel_size=tensor_parallel_size
+        )
+    )
 
 
 def engine_pids(engine: AsyncLLM) -> tuple[int, list[int]]:
@@ -95,6 +99,16 @@ def kill_worker(model: str) -> dict:
     return result
 
 
+def kill_rank(model: str) -> dict:
+    """Tensor parallel: SIGKILL rank 1 (rank 0 is then stuck in a collective)."""
+    engine = make_engine(model, tensor_parallel_size=2)
+    core, workers = engine_pids(engine)
+    result = asyncio.run(kill_during_streams(engine, workers[1]))
+    result["all_gone_s"] = wait_gone([core, *workers], 10)
+    engine.shutdown()
+    return result
+
+
 def kill_core(model: str) -> dict:
     engine = make_engine(model)
     core, workers = engine_pids(engine)
@@ -123,7 +137,6 @@ def frontend(model: str) -> None:
 
 if __name__ == "__main__":
     name, model_path = sys.argv[1], sys.argv[2]
-    outcome = {"kill_worker": kill_worker, "kill_core": kill_core, "frontend": frontend}[name](
-        model_path
-    )
+    scenarios = {"kill_worker": kill_worker, "kill_rank": kill_rank, "kill_core": kill_core}
+    outcome = {**scenarios, "frontend": frontend}[name](model_path)
     print(json.dumps({"ok": name, **(outcome or {})}), flush=True)

@@ -1,7 +1,8 @@
 """Attention backends, and paged attention in plain torch (runs on CPU and CUDA).
 
-A backend turns a step's chunks into metadata (`build_metadata`), whose `attend` each layer
-calls. The torch backend here is the CPU default and the oracle the Triton backend
+A backend turns a step's inputs (`worker/input_batch.py`'s `StepInputs`: host arrays of
+lengths, block tables and KV slots) into metadata (`build_metadata`), whose `attend` each
+layer calls. The torch backend here is the CPU default and the oracle the Triton backend
 (`worker/layers/triton_attention.py`, the CUDA default) is tested against.
 
 The KV cache of a layer is `[2, num_blocks, block_size, kv_heads, head_dim]`. Each step
@@ -15,13 +16,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from zllm.worker.input_batch import StepInputs
 from zllm.worker.transfer import to_device
-
-# (start position, number of new tokens, block ids) of one sequence, in batch order.
-Chunk = tuple[int, int, list[int]]
 
 
 class AttentionMetadata(Protocol):
@@ -42,7 +42,7 @@ class AttentionMetadata(Protocol):
 class AttentionBackend(Protocol):
     name: str
 
-    def build_metadata(self, chunks: list[Chunk]) -> AttentionMetadata: ...
+    def build_metadata(self, inputs: StepInputs) -> AttentionMetadata: ...
 
 
 class TorchAttentionBackend:
@@ -54,8 +54,8 @@ class TorchAttentionBackend:
         self.block_size = block_size
         self.device = device
 
-    def build_metadata(self, chunks: list[Chunk]) -> TorchAttentionMetadata:
-        return TorchAttentionMetadata.build(chunks, self.block_size, self.device)
+    def build_metadata(self, inputs: StepInputs) -> TorchAttentionMetadata:
+        return TorchAttentionMetadata.build(inputs, self.block_size, self.device)
 
 
 @dataclass
@@ -79,44 +79,33 @@ class TorchAttentionMetadata:
 
     @classmethod
     def build(
-        cls, chunks: list[Chunk], block_size: int, device: torch.device
+        cls, inputs: StepInputs, block_size: int, device: torch.device
     ) -> TorchAttentionMetadata:
-        slots: list[int] = []
-        decode_rows: list[int] = []
-        decode_tables: list[list[int]] = []
-        decode_lens: list[int] = []
+        seq_lens = inputs.seq_lens
+        single = inputs.num_scheduled == 1
         prefills: list[PrefillSeq] = []
-        row = 0
-        for start, n, block_ids in chunks:
-            for pos in range(start, start + n):
-                slots.append(block_ids[pos // block_size] * block_size + pos % block_size)
-            ctx = start + n
-            used = block_ids[: -(-ctx // block_size)]
-            if n == 1:
-                decode_rows.append(row)
-                decode_tables.append(used)
-                decode_lens.append(ctx)
-            else:
-                mask = None
-                if start > 0:
-                    q_pos = torch.arange(start, ctx, device=device).unsqueeze(1)
-                    mask = torch.arange(ctx, device=device).unsqueeze(0) <= q_pos
-                prefills.append(
-                    PrefillSeq(row, row + n, ctx, to_device(used, torch.long, device), mask)
-                )
-            row += n
+        for i in np.flatnonzero(~single).tolist():
+            start, ctx = int(inputs.start[i]), int(seq_lens[i])
+            row, end = int(inputs.query_start[i]), int(inputs.query_start[i + 1])
+            mask = None
+            if start > 0:
+                q_pos = torch.arange(start, ctx, device=device).unsqueeze(1)
+                mask = torch.arange(ctx, device=device).unsqueeze(0) <= q_pos
+            used = inputs.block_table[i, : -(-ctx // block_size)]
+            prefills.append(PrefillSeq(row, end, ctx, to_device(used, torch.long, device), mask))
         decode_rows_t = decode_table = decode_mask = None
-        if decode_rows:
-            width = max(len(t) for t in decode_tables)
-            padded = [t + [0] * (width - len(t)) for t in decode_tables]
-            decode_rows_t = to_device(decode_rows, torch.long, device)
-            decode_table = to_device(padded, torch.long, device)
-            lens = to_device(decode_lens, torch.long, device)
-            decode_mask = (torch.arange(width * block_size, device=device) < lens.unsqueeze(1))[
+        decodes = np.flatnonzero(single)
+        if len(decodes):
+            lens = seq_lens[decodes]
+            width = -(-int(lens.max()) // block_size)
+            decode_rows_t = to_device(inputs.query_start[decodes], torch.long, device)
+            decode_table = to_device(inputs.block_table[decodes, :width], torch.long, device)
+            lens_t = to_device(lens, torch.long, device)
+            decode_mask = (torch.arange(width * block_size, device=device) < lens_t.unsqueeze(1))[
                 :, None, None, :
             ]
         return cls(
-            slot_mapping=to_device(slots, torch.long, device),
+            slot_mapping=to_device(inputs.slot_mapping, torch.long, device),
             decode_rows=decode_rows_t,
             decode_block_table=decode_table,
             decode_mask=decode_mask,
@@ -145,14 +134,19 @@ def paged_attention(
     v_cache.view(-1, num_kv_heads, head_dim)[meta.slot_mapping] = v
     out = torch.empty_like(q)
 
+    def gather(block_ids: torch.Tensor) -> torch.Tensor:
+        """K and V of these blocks, `[2, len(block_ids) * block_size, Hkv, D]`: one
+        `index_select` over both (several times faster than indexing each on the CPU)."""
+        blocks = kv_cache.index_select(1, block_ids.reshape(-1))
+        return blocks.view(2, -1, num_kv_heads, head_dim)
+
     for seq in meta.prefills:
         qs = q[seq.start : seq.end].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
         if seq.mask is None:
             ks = k[seq.start : seq.end]
             vs = v[seq.start : seq.end]
         else:
-            ks = k_cache[seq.block_ids].reshape(-1, num_kv_heads, head_dim)[: seq.ctx_len]
-            vs = v_cache[seq.block_ids].reshape(-1, num_kv_heads, head_dim)[: seq.ctx_len]
+            ks, vs = gather(seq.block_ids)[:, : seq.ctx_len]
         ks = ks.transpose(0, 1).unsqueeze(0)
         vs = vs.transpose(0, 1).unsqueeze(0)
         o = F.scaled_dot_product_attention(
@@ -164,8 +158,8 @@ def paged_attention(
         table = meta.decode_block_table
         bd, width = table.shape
         qd = q[meta.decode_rows].unsqueeze(2)  # [Bd, H, 1, D]
-        kd = k_cache[table].view(bd, width * block_size, num_kv_heads, head_dim).transpose(1, 2)
-        vd = v_cache[table].view(bd, width * block_size, num_kv_heads, head_dim).transpose(1, 2)
+        kvd = gather(table).view(2, bd, width * block_size, num_kv_heads, head_dim)
+        kd, vd = kvd.transpose(2, 3).unbind(0)  # [Bd, Hkv, L, D] each
         o = F.scaled_dot_product_attention(
             qd, kd, vd, attn_mask=meta.decode_mask, scale=scale, enable_gqa=gqa
         )

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from zllm.worker.input_batch import StepInputs
 from zllm.worker.transfer import to_device
 
 
@@ -23,8 +24,8 @@ class EncoderAttentionBackend:
     def __init__(self, device: torch.device) -> None:
         self.device = device
 
-    def build_metadata(self, chunks: list[tuple[int, int, list[int]]]) -> EncoderAttentionMetadata:
-        return EncoderAttentionMetadata.build(chunks, self.device)
+    def build_metadata(self, inputs: StepInputs) -> EncoderAttentionMetadata:
+        return EncoderAttentionMetadata.build(inputs, self.device)
 
 
 @dataclass
@@ -35,14 +36,11 @@ class EncoderAttentionMetadata:
     key_mask: torch.Tensor | None  # [B, 1, 1, L] True where a key exists; None: no padding
 
     @classmethod
-    def build(
-        cls, chunks: list[tuple[int, int, list[int]]], device: torch.device
-    ) -> EncoderAttentionMetadata:
-        """`chunks`: (start position, number of tokens, block ids) per sequence; block ids
-        are unused (nothing is cached)."""
-        if any(start != 0 for start, _, _ in chunks):
+    def build(cls, inputs: StepInputs, device: torch.device) -> EncoderAttentionMetadata:
+        """Only the lengths matter: nothing is cached, so block tables are unused."""
+        if inputs.start.any():
             raise ValueError("an encoder runs each prompt whole, in one step")
-        lengths = [n for _, n, _ in chunks]
+        lengths = inputs.num_scheduled.tolist()
         width = max(lengths)
         rows = [b * width + i for b, n in enumerate(lengths) for i in range(n)]
         mask = None

@@ -1,8 +1,10 @@
-"""Linear layers split across tensor-parallel ranks.
+"""Layers split across tensor-parallel ranks.
 
 Column-parallel layers keep a slice of the output features (no communication); row-parallel
-layers keep a slice of the input features and all-reduce their partial sums. Each
-parameter knows how to take its slice of a full checkpoint tensor (`weight_loader`).
+layers keep a slice of the input features and all-reduce their partial sums. The embedding
+and the LM head are split over the vocabulary: each rank embeds the ids of its rows (zeros
+elsewhere, summed by an all-reduce) and computes the logits of its rows, gathered on rank 0,
+which samples. Each layer reads only its own slice of a checkpoint tensor (`load`).
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from zllm.worker.checkpoint_tensor import CheckpointTensor
 
 
 def tp_rank() -> int:
@@ -42,7 +46,7 @@ class ColumnParallelLinear(nn.Module):
             nn.Parameter(torch.empty(sum(self.local_sizes)), requires_grad=False) if bias else None
         )
 
-    def load(self, param: nn.Parameter, full: torch.Tensor, part: int) -> None:
+    def load(self, param: nn.Parameter, full: CheckpointTensor, part: int) -> None:
         local = self.local_sizes[part]
         offset = sum(self.local_sizes[:part])
         shard = full.narrow(0, tp_rank() * local, local)
@@ -66,9 +70,9 @@ class RowParallelLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(output_size, self.local_input), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(output_size), requires_grad=False) if bias else None
 
-    def load(self, param: nn.Parameter, full: torch.Tensor, part: int = 0) -> None:
+    def load(self, param: nn.Parameter, full: CheckpointTensor, part: int = 0) -> None:
         if param is self.bias:  # every rank keeps the whole bias
-            param.data.copy_(full)
+            param.data.copy_(full.full())
         else:
             param.data.copy_(full.narrow(1, tp_rank() * self.local_input, self.local_input))
 
@@ -77,3 +81,49 @@ class RowParallelLinear(nn.Module):
         if tp_size() > 1:
             dist.all_reduce(y)
         return y if self.bias is None else y + self.bias
+
+
+class VocabParallelEmbedding(nn.Module):
+    """An embedding whose rows are split evenly over the ranks (the last one padded)."""
+
+    def __init__(self, vocab_size: int, hidden_size: int) -> None:
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.rows = -(-vocab_size // tp_size())  # this rank's rows, padding included
+        self.first = tp_rank() * self.rows
+        self.weight = nn.Parameter(torch.empty(self.rows, hidden_size), requires_grad=False)
+
+    def load(self, param: nn.Parameter, full: CheckpointTensor, part: int = 0) -> None:
+        if full.shape[0] != self.vocab_size:
+            raise ValueError(f"vocabulary of {full.shape[0]} rows, expected {self.vocab_size}")
+        shard = full.narrow(0, self.first, self.rows)
+        param.data[: shard.shape[0]].copy_(shard)
+        param.data[shard.shape[0] :].zero_()
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if tp_size() == 1:
+            return nn.functional.embedding(input_ids, self.weight)
+        local = input_ids - self.first
+        outside = (local < 0) | (local >= self.rows)
+        x = nn.functional.embedding(local.masked_fill(outside, 0), self.weight)
+        x = x.masked_fill(outside.unsqueeze(-1), 0)
+        dist.all_reduce(x)
+        return x
+
+
+class ParallelLMHead(VocabParallelEmbedding):
+    """An untied LM head: the embedding's row split, never looked up. The model multiplies
+    the hidden states by this rank's rows and `gather_vocab` joins the logits."""
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        raise TypeError("an LM head is not an embedding: use gather_vocab on its logits")
+
+
+def gather_vocab(local: torch.Tensor, vocab_size: int) -> torch.Tensor | None:
+    """Each rank's `[rows, vocab / ranks]` logits, joined on rank 0 (None elsewhere)."""
+    if tp_size() == 1:
+        return local[:, :vocab_size]
+    local = local.contiguous()
+    parts = [torch.empty_like(local) for _ in range(tp_size())] if tp_rank() == 0 else None
+    dist.gather(local, parts, dst=0)
+    return torch.cat(parts, dim=1)[:, :vocab_size] if parts is not None else None

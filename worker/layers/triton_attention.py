@@ -14,12 +14,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
+from zllm.worker.input_batch import StepInputs
 from zllm.worker.kernels.decode_attention import decode_attention
 from zllm.worker.kernels.extend_attention import extend_attention
 from zllm.worker.kernels.kv_cache import store_kv_cache
-from zllm.worker.layers.attention import Chunk
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -84,68 +85,54 @@ class TritonAttentionBackend:
         self.mid_out = buffer(max_num_seqs, num_heads, max_splits, head_dim, dtype=torch.float32)
         self.mid_lse = buffer(max_num_seqs, num_heads, max_splits, dtype=torch.float32)
 
-    def build_metadata(self, chunks: list[Chunk]) -> TritonAttentionMetadata:
-        bs = self.block_size
-        num_seqs = len(chunks)
+    def build_metadata(self, inputs: StepInputs) -> TritonAttentionMetadata:
+        num_seqs = len(inputs.slots)
         if num_seqs > self.max_num_seqs:
             raise ValueError(f"{num_seqs} sequences in a step > max_num_seqs={self.max_num_seqs}")
-        slots: list[int] = []
-        seq_lens: list[int] = []
-        query_start = [0]
-        decode_seqs: list[int] = []
-        decode_lens: list[int] = []
-        tile_seqs: list[int] = []
-        tile_starts: list[int] = []
-        tables: list[list[int]] = []
-        for i, (start, n, block_ids) in enumerate(chunks):
-            ctx = start + n
-            for pos in range(start, ctx):
-                slots.append(block_ids[pos // bs] * bs + pos % bs)
-            seq_lens.append(ctx)
-            query_start.append(query_start[-1] + n)
-            tables.append(block_ids[: _cdiv(ctx, bs)])
-            if n == 1:
-                decode_seqs.append(i)
-                decode_lens.append(ctx)
-            else:
-                for m0 in range(0, n, self.block_m):
-                    tile_seqs.append(i)
-                    tile_starts.append(m0)
-        num_tokens = len(slots)
+        num_tokens = len(inputs.slot_mapping)
         if num_tokens > self.max_num_tokens:
             raise ValueError(
                 f"{num_tokens} tokens in a step > max_num_batched_tokens={self.max_num_tokens}"
             )
-        width = max((len(t) for t in tables), default=0)
+        width = inputs.block_table.shape[1]
         if width > self.max_blocks:
             raise ValueError(f"a sequence spans {width} blocks > {self.max_blocks} (max_model_len)")
-        flat_tables = [b for t in tables for b in t + [0] * (width - len(t))]
+        n = inputs.num_scheduled
+        seq_lens = inputs.seq_lens
+        decode_seqs = np.flatnonzero(n == 1)
+        prefill_seqs = np.flatnonzero(n > 1)
+        tiles = -(-n[prefill_seqs] // self.block_m)  # extend tiles of each prompt chunk
+        tile_seqs = np.repeat(prefill_seqs, tiles)
+        first_tile = np.repeat(np.cumsum(tiles) - tiles, tiles)
+        tile_starts = (np.arange(len(tile_seqs)) - first_tile) * self.block_m
         sections = [
-            (self.slot_mapping, slots),
+            (self.slot_mapping, inputs.slot_mapping),
             (self.seq_lens, seq_lens),
-            (self.query_start, query_start),
+            (self.query_start, inputs.query_start),
             (self.decode_seqs, decode_seqs),
             (self.tile_seqs, tile_seqs),
             (self.tile_starts, tile_starts),
         ]
-        values = [v for _, section in sections for v in section] + flat_tables
         # One host tensor per step (pinned on CUDA, kept alive by the caching host allocator
         # until its copies ran), copied into the persistent buffers without waiting.
+        values = np.concatenate([v for _, v in sections] + [inputs.block_table.reshape(-1)])
         pinned = self.device.type == "cuda"
-        host = torch.tensor(values, dtype=torch.int32, pin_memory=pinned)
+        host = torch.empty(len(values), dtype=torch.int32, pin_memory=pinned)
+        host.numpy()[:] = values
         offset = 0
         for dst, section in sections:
-            n = len(section)
-            dst[:n].copy_(host[offset : offset + n], non_blocking=pinned)
-            offset += n
+            k = len(section)
+            dst[:k].copy_(host[offset : offset + k], non_blocking=pinned)
+            offset += k
         if width:
             self.block_tables[:num_seqs, :width].copy_(
                 host[offset:].view(num_seqs, width), non_blocking=pinned
             )
         num_splits = 1
-        if decode_lens:
-            num_splits = min(self.max_splits, _cdiv(max(decode_lens), self.split_min_tokens))
-            wanted = _cdiv(self.target_programs, len(decode_lens) * self.num_kv_heads)
+        if len(decode_seqs):
+            longest = int(seq_lens[decode_seqs].max())
+            num_splits = min(self.max_splits, _cdiv(longest, self.split_min_tokens))
+            wanted = _cdiv(self.target_programs, len(decode_seqs) * self.num_kv_heads)
             num_splits = max(1, min(num_splits, wanted))
         return TritonAttentionMetadata(
             self, num_tokens, len(decode_seqs), len(tile_seqs), num_splits

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from zllm.protocol.config import ModelConfig
+from zllm.worker.checkpoint_tensor import CheckpointTensor
 from zllm.worker.layers.encoder_attention import EncoderAttentionMetadata, encoder_attention
 from zllm.worker.layers.linear import ColumnParallelLinear, RowParallelLinear, tp_size
 from zllm.worker.models.interface import Model
@@ -143,7 +144,7 @@ class BertModel(Model):
             x = layer(x, meta)
         return x
 
-    def load_weight(self, name: str, tensor: torch.Tensor) -> str | None:
+    def load_weight(self, name: str, tensor: CheckpointTensor) -> str | None:
         name = name.removeprefix("bert.")
         name = name.replace("LayerNorm.gamma", "LayerNorm.weight")  # pre-2019 checkpoints
         name = name.replace("LayerNorm.beta", "LayerNorm.bias")

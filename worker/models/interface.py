@@ -15,7 +15,12 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from zllm.worker.layers.linear import ColumnParallelLinear, RowParallelLinear
+from zllm.worker.checkpoint_tensor import CheckpointTensor
+from zllm.worker.layers.linear import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+)
 
 
 class Model(nn.Module, ABC):
@@ -40,19 +45,20 @@ class Model(nn.Module, ABC):
     def can_generate(self) -> bool:
         return False
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Float32 logits `[rows, vocab]` of hidden rows (models with an LM head)."""
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Float32 logits `[rows, vocab]` of hidden rows (models with an LM head), on rank 0;
+        None on the other tensor-parallel ranks (every rank must call it: it gathers)."""
         raise ValueError(f"{type(self).__name__} has no LM head: it cannot generate")
 
     @abstractmethod
-    def load_weight(self, name: str, tensor: torch.Tensor) -> str | None:
-        """Copy one checkpoint tensor into place (this rank's slice).
+    def load_weight(self, name: str, tensor: CheckpointTensor) -> str | None:
+        """Copy one checkpoint tensor into place (reading only this rank's slice).
 
         Returns the parameter it filled (`name#part` for the later parts of a stacked
         layer), or None for tensors the model does not use.
         """
 
-    def load_named(self, name: str, tensor: torch.Tensor) -> str | None:
+    def load_named(self, name: str, tensor: CheckpointTensor) -> str | None:
         """`load_weight` for a checkpoint name already in this model's naming: into its part of
         a stacked layer, into the parameter of that name, or nowhere (None)."""
         if not hasattr(self, "_params"):
@@ -62,20 +68,18 @@ class Model(nn.Module, ABC):
                 return self._copy(name.replace(fragment, target), tensor, part)
         return self._copy(name, tensor) if name in self._params else None
 
-    def _copy(self, param_name: str, tensor: torch.Tensor, part: int = 0) -> str:
-        """Put `tensor` into parameter `param_name` (part `part` of a stacked layer), taking
-        this rank's slice of a tensor-parallel layer."""
+    def _copy(self, param_name: str, tensor: CheckpointTensor, part: int = 0) -> str:
+        """Put `tensor` into parameter `param_name` (part `part` of a stacked layer), reading
+        only this rank's slice for a tensor-parallel layer."""
         param = self._params[param_name]
         module = self.get_submodule(param_name.rsplit(".", 1)[0])
-        if isinstance(module, ColumnParallelLinear):
+        if isinstance(module, ColumnParallelLinear | RowParallelLinear | VocabParallelEmbedding):
             module.load(param, tensor, part)
-        elif isinstance(module, RowParallelLinear):
-            module.load(param, tensor)
         else:
-            if param.shape != tensor.shape:
+            if tuple(param.shape) != tensor.shape:
                 raise ValueError(
-                    f"{param_name}: checkpoint shape {tuple(tensor.shape)} != model shape "
+                    f"{param_name}: checkpoint shape {tensor.shape} != model shape "
                     f"{tuple(param.shape)}"
                 )
-            param.data.copy_(tensor)
+            param.data.copy_(tensor.full())
         return f"{param_name}#{part}" if part else param_name

@@ -13,8 +13,16 @@ import torch
 from torch import nn
 
 from zllm.protocol.config import ModelConfig
+from zllm.worker.checkpoint_tensor import CheckpointTensor
 from zllm.worker.layers.attention import AttentionMetadata
-from zllm.worker.layers.linear import ColumnParallelLinear, RowParallelLinear, tp_size
+from zllm.worker.layers.linear import (
+    ColumnParallelLinear,
+    ParallelLMHead,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    gather_vocab,
+    tp_size,
+)
 from zllm.worker.layers.norm import RMSNorm
 from zllm.worker.layers.rotary import RotaryEmbedding
 from zllm.worker.models.interface import Model
@@ -122,7 +130,7 @@ class DecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, config: ModelConfig, fused: bool) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         rotary = RotaryEmbedding(
             config.head_dim,
             config.max_position_embeddings,
@@ -155,7 +163,7 @@ class LlamaForCausalLM(Model):
         if config.tie_word_embeddings or not self.generates:
             self.lm_head = None
         else:
-            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
         for p in self.parameters():
             p.requires_grad_(False)
 
@@ -177,13 +185,13 @@ class LlamaForCausalLM(Model):
             x, residual = layer(x, residual, positions, kv_cache, meta)
         return self.model.norm(x, residual)[0]
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         if not self.generates:
             return super().logits(hidden)
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return nn.functional.linear(hidden, weight).float()
+        return gather_vocab(nn.functional.linear(hidden, weight).float(), self.config.vocab_size)
 
-    def load_weight(self, name: str, tensor: torch.Tensor) -> str | None:
+    def load_weight(self, name: str, tensor: CheckpointTensor) -> str | None:
         if "rotary_emb" in name or (name == "lm_head.weight" and self.lm_head is None):
             return None
         if not name.startswith(("model.", "lm_head.")):  # a bare `*Model` checkpoint
