@@ -12,6 +12,7 @@ import msgspec
 
 from zllm.frontend import engine_configs
 from zllm.frontend import model_config as user_config
+from zllm.frontend.client_state import ClientState
 from zllm.frontend.default_model import resolve_engine_args
 from zllm.frontend.engine_client import EngineClient
 from zllm.frontend.errors import EngineDeadError
@@ -126,7 +127,7 @@ class EngineFrontend:
     def is_running(self) -> bool:
         """True until the engine dies or is shut down."""
         c = self._client
-        return c is not None and not c._closed and c.dead_error is None
+        return c is not None and c.state is ClientState.RUNNING
 
     @property
     def is_stopped(self) -> bool:
