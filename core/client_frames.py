@@ -27,6 +27,7 @@ from zllm.protocol.messages import (
     StepOutputs,
     UtilityReply,
     decode_client_message,
+    decode_untyped,
     encode,
 )
 
@@ -106,7 +107,7 @@ def read_frame(frame: bytes) -> tuple[ClientMessage | None, Answer | None]:
     except msgspec.MsgspecError as e:
         error = describe_validation_error(e) if isinstance(e, msgspec.ValidationError) else str(e)
     try:
-        raw = msgspec.msgpack.decode(frame)
+        raw = decode_untyped(frame)
     except msgspec.MsgspecError:
         return None, Answer(frame_error=f"the frame is not msgpack: {error}")
     kind = raw.get("type") if isinstance(raw, dict) else None

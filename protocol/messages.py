@@ -189,8 +189,23 @@ def encode(message: msgspec.Struct) -> bytes:
 
 
 def decode_client_message(frame: bytes) -> ClientMessage:
-    return _codec("client", lambda: msgspec.msgpack.Decoder(ClientMessage)).decode(frame)
+    return _decode(_codec("client", lambda: msgspec.msgpack.Decoder(ClientMessage)), frame)
 
 
 def decode_core_message(frame: bytes) -> CoreMessage:
-    return _codec("core", lambda: msgspec.msgpack.Decoder(CoreMessage)).decode(frame)
+    return _decode(_codec("core", lambda: msgspec.msgpack.Decoder(CoreMessage)), frame)
+
+
+def decode_untyped(frame: bytes) -> Any:
+    """Plain msgpack, for reading what a frame that failed its typed decode names."""
+    return _decode(_codec("untyped", msgspec.msgpack.Decoder), frame)
+
+
+def _decode(decoder: msgspec.msgpack.Decoder, frame: bytes) -> Any:
+    """Every way a frame can fail to decode is a `msgspec.DecodeError` or `ValidationError`:
+    msgspec lets invalid UTF-8 in a tag escape as `UnicodeDecodeError`, which would end
+    the socket thread that read it."""
+    try:
+        return decoder.decode(frame)
+    except UnicodeDecodeError as e:
+        raise msgspec.DecodeError(f"invalid UTF-8 in a string: {e}") from None

@@ -195,6 +195,8 @@ GARBAGE = {
         }
     ),
     "pickle": b"\x80\x04\x95\x05\x00\x00\x00\x00\x00\x00\x00\x8c\x01x\x94.",
+    # msgspec raises UnicodeDecodeError, not a MsgspecError, for this
+    "invalid utf-8 in a key": b"\x81\xa4typ\xaa\xa3abc",
 }
 
 
