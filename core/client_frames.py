@@ -3,8 +3,9 @@
 A frame normally decodes to one typed `ClientMessage`. When it does not, the frame is read
 again untyped, request by request, so that every request and call it names gets an answer
 (an error) instead of silence, and the good requests beside a bad one still run. Only a
-frame that names nothing is answered with `FrameRejected`. Requests that break the
-admission rules are refused here too, so a flood of bad frames never reaches the busy loop.
+frame that names nothing is answered with `FrameRejected`, and so is a frame over the size
+limit (unread). Requests that break the admission rules are refused here too, so a flood of
+bad frames never reaches the busy loop; so are all requests while engine-core drains.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import msgspec
 
 from zllm.protocol.admission import AdmissionLimits, describe_validation_error, request_error
 from zllm.protocol.messages import (
+    MAX_FRAME_BYTES,
     AddRequest,
     AddRequests,
     ClientMessage,
@@ -60,6 +62,9 @@ class FrameReader:
 
     def __init__(self, logger: logging.Logger) -> None:
         self.limits: AdmissionLimits | None = None  # set once the engine is up
+        self.max_frame_bytes = MAX_FRAME_BYTES
+        # Set while engine-core drains: every request is refused with this error.
+        self.refusing: str | None = None
         self.num_rejected = 0  # frames that did not decode (cumulative)
         self._lock = threading.Lock()
         self._log = RateLimitedLog(logger)
@@ -67,7 +72,15 @@ class FrameReader:
     def read(self, frames: list[bytes]) -> tuple[ClientMessage | None, list[list[bytes]]]:
         """(the message for the main thread or None, replies as [client, frame])."""
         client = frames[0]
-        if len(frames) == 2:
+        if len(frames) == 2 and len(frames[1]) > self.max_frame_bytes:
+            message, answer = (
+                None,
+                Answer(
+                    frame_error=f"a frame of {len(frames[1])} bytes, over engine-core's limit of "
+                    f"{self.max_frame_bytes}: not read"
+                ),
+            )
+        elif len(frames) == 2:
             message, answer = read_frame(frames[1])
         else:
             message, answer = None, Answer(frame_error=f"a message of {len(frames) - 1} parts")
@@ -88,7 +101,11 @@ class FrameReader:
     def _screen(self, adds: AddRequests, answer: Answer) -> AddRequests | None:
         """Keep the requests the admission rules allow; refuse the others in `answer`."""
         good = []
+        refusing = self.refusing
         for add in adds.requests:
+            if refusing is not None:
+                answer.updates.append(RequestUpdate.refused(add.request_id, refusing, "shutdown"))
+                continue
             if self.limits is None:  # a client must wait for Ready; ours always do
                 error = "engine-core is not ready yet: wait for its Ready before sending requests"
             else:

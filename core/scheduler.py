@@ -5,7 +5,8 @@ each scheduled request a chunk of its uncomputed tokens. A decode is a chunk of 
 prompt may be split over several steps (chunked prefill), and a preempted request simply
 starts again from zero computed tokens (recompute), keeping what it generated. A pooling
 request is a prompt alone, batched like any other; an encoder's prompt is never split.
-Running requests go first (decodes before new prefills), then waiting ones in arrival order.
+Running requests go first (decodes before new prefills), then waiting ones in the order
+`fair_admission.ClientRoundRobin` gives (arrival order, clients taking turns).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from zllm.core.fair_admission import ClientRoundRobin
 from zllm.core.kv_cache_manager import KVCacheManager
 from zllm.core.request import Request, RequestStatus
 from zllm.protocol.messages import SchedulerStats
@@ -45,6 +47,7 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.enable_chunked_prefill = enable_chunked_prefill
         self.waiting: deque[Request] = deque()
+        self.admission_order = ClientRoundRobin()
         self.running: list[Request] = []  # in admission order: the last is preempted first
         self.requests: dict[str, Request] = {}
         self._finished_keys: list[str] = []
@@ -101,10 +104,10 @@ class Scheduler:
                 budget -= n
                 i += 1
 
-        while (
-            self.waiting and budget > 0 and not preempted and len(self.running) < self.max_num_seqs
-        ):
-            request = self.waiting[0]
+        can_admit = budget > 0 and not preempted and len(self.running) < self.max_num_seqs
+        for request in self.admission_order.order(self.waiting) if can_admit else ():
+            if budget <= 0 or len(self.running) >= self.max_num_seqs:
+                break
             computed, num_cached = self.kv.get_computed_blocks(request)
             n = request.num_tokens - num_cached
             if n > budget:
@@ -114,7 +117,11 @@ class Scheduler:
                 n = budget
             if not self.kv.allocate_slots(request, n, computed):
                 break
-            self.waiting.popleft()
+            if self.waiting[0] is request:
+                self.waiting.popleft()
+            else:
+                self.waiting.remove(request)
+            self.admission_order.admitted(request)
             self.kv.record_lookup(request, num_cached)
             request.num_computed_tokens = num_cached
             if request.num_cached_tokens < 0:

@@ -9,6 +9,12 @@ Callers from any thread or event loop encode their frames themselves and queue t
 thread owns the sockets: it forwards the frames, folds engine outputs into each request's
 `RequestStream`, and fails every stream and pending call with `EngineDeadError` the moment
 the engine is gone. It never holds a lock that submission needs while it detokenizes.
+
+A client of a daemon outlives the daemon: when the connection is lost (the daemon died,
+restarted, forgot us, or was silent for `heartbeat_timeout`) in-flight requests fail, and
+the client reconnects by itself. Requests submitted meanwhile wait for the daemon's Ready;
+they fail at once while nothing listens at the address, and after `heartbeat_timeout` if
+nothing answers. A daemon that comes back serving another model ends the client (DEAD).
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import zmq
 from zllm.frontend import output_delivery
 from zllm.frontend.client_state import ClientState, Lifecycle
 from zllm.frontend.core_connection import POLL_MS, CoreConnection
+from zllm.frontend.errors import EngineDeadError
 from zllm.frontend.input_processor import ProcessedRequest
 from zllm.frontend.parallel_sampling import fan_out
 from zllm.frontend.pooling_state import PoolingRequestState
@@ -43,11 +50,14 @@ from zllm.protocol.config import EngineArgs
 from zllm.protocol.messages import (
     AbortRequests,
     AddRequest,
+    Disconnected,
     EncodedAddRequests,
     EngineDead,
     FrameRejected,
     Goodbye,
+    Heartbeat,
     Ready,
+    StartupFailed,
     StepOutputs,
     UtilityCall,
     UtilityReply,
@@ -60,6 +70,7 @@ from zllm.protocol.sampling_params import SamplingParams
 logger = logging.getLogger("zllm.frontend")
 
 _PARAMS_FIELD = {SamplingParams: "sampling_params", PoolingParams: "pooling_params"}
+FRAME_OVERHEAD = 1024  # room for the `AddRequests` envelope around encoded requests
 
 
 class EngineClient:
@@ -75,7 +86,9 @@ class EngineClient:
         self.registry = RequestRegistry()
         self.ready: Ready | None = None
         self.io_thread: threading.Thread | None = None
-        self.outgoing: queue.Queue[msgspec.Struct | msgspec.Raw] = queue.Queue()
+        # (engine id, encoded AddRequest), (call id, UtilityCall), or a message: what is
+        # queued for a request or call no longer pending is never sent.
+        self.outgoing: queue.Queue[tuple[Any, msgspec.Struct | msgspec.Raw]] = queue.Queue()
         self._abandoned: collections.deque[str] = collections.deque()  # see `abort_soon`
         self._owner_dropped = False  # see `shutdown_soon`
         self._call_ids = itertools.count()
@@ -171,16 +184,22 @@ class EngineClient:
             )
             for entry, (_, child_params, state) in zip(entries, children)
         ]
+        limit = self.ready.max_frame_bytes - FRAME_OVERHEAD if self.ready else None
+        if limit is not None and len(frames[0]) > limit:
+            raise ValueError(
+                f"request {request_id!r} is {len(frames[0])} bytes encoded; engine-core reads "
+                f"frames of at most {limit} bytes (a shorter prompt fits)"
+            )
         self.registry.add(entries, admit=self._admit)
-        for frame in frames:
-            self._enqueue(frame)
+        for entry, frame in zip(entries, frames):
+            self._enqueue(frame, entry.engine_id)
         return stream
 
     def abort(self, request_ids: list[str]) -> None:
         """Stop requests in the engine; each stream gets a last output with finish_reason "abort"."""
         entries = [e for rid in request_ids for e in self.registry.forget_request(rid)]
         output_delivery.finish_aborted(entries)
-        if entries and self.lifecycle.accepts_requests:
+        if entries and self.lifecycle.state is ClientState.RUNNING:
             self._enqueue(AbortRequests(request_ids=[e.engine_id for e in entries]))
 
     def abort_soon(self, request_id: str) -> None:
@@ -198,19 +217,24 @@ class EngineClient:
         except Exception as e:
             future.set_exception(e)
             return future
-        self._enqueue(UtilityCall(call_id=call_id, method=method, args=list(args)))
+        self._enqueue(UtilityCall(call_id=call_id, method=method, args=list(args)), call_id)
         return future
 
     def check_alive(self) -> None:
+        """Raise `EngineDeadError` unless the engine answers now."""
         self.lifecycle.check()
+        if self.lifecycle.state is ClientState.RECONNECTING:
+            raise EngineDeadError(
+                f"not connected to engine-core at {self.conn.address} (reconnecting)"
+            )
 
     def _admit(self) -> None:
         """Raise unless the client takes requests now (called under the registry's lock)."""
         if not self.lifecycle.accepts_requests:
             self.lifecycle.check()
 
-    def _enqueue(self, message: msgspec.Struct | msgspec.Raw) -> None:
-        self.outgoing.put(message)
+    def _enqueue(self, message: msgspec.Struct | msgspec.Raw, key: Any = None) -> None:
+        self.outgoing.put((key, message))
         self._wake()
 
     @contextlib.contextmanager
@@ -236,12 +260,9 @@ class EngineClient:
     # ---- the I/O thread ------------------------------------------------------------------------
 
     def _io_loop(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self._wake_r, zmq.POLLIN)
-        self.conn.watch(poller)
         while not self.lifecycle.finished:
             try:
-                events = dict(poller.poll(POLL_MS))
+                events = self.conn.poll(POLL_MS, self._wake_r)
                 if self._wake_r.fileno() in events:
                     self._drain_wakeups()
                 if self._owner_dropped:
@@ -249,21 +270,46 @@ class EngineClient:
                     return
                 while self._abandoned:
                     self.abort([self._abandoned.popleft()])
-                self._flush_outgoing()
+                if self.lifecycle.state is ClientState.RUNNING:
+                    self._flush_outgoing()
+                    self._heartbeat()
                 for frame in self.conn.received(events):
                     self._on_frame(frame)
-                if self.lifecycle.finished:
-                    return
-                cause = self.conn.engine_gone(events)
-                if cause is not None:
-                    for frame in self.conn.last_words():
-                        self._on_frame(frame)
-                    self._die(cause)
-                    return
+                self._watch_link(events)
             except Exception as e:  # never leave callers waiting on a broken I/O thread
                 logger.exception("client I/O thread failed")
                 self._die(f"client I/O thread failed: {type(e).__name__}: {e}")
                 return
+
+    def _watch_link(self, events: dict) -> None:
+        """A spawned core's exit is death; a daemon's lost link means reconnecting."""
+        if self.lifecycle.finished:
+            return
+        if not self.conn.is_daemon:
+            cause = self.conn.core_exited()
+            if cause is not None:
+                for frame in self.conn.last_words():
+                    self._on_frame(frame)
+                self._die(cause)
+            return
+        for event in self.conn.link_events(events):
+            if event.kind == "lost":
+                self._connection_lost(event.error)
+            elif self.lifecycle.state is ClientState.RECONNECTING:
+                self._fail_waiting(f"{event.error}; the client reconnects when one answers")
+        if self.lifecycle.state is ClientState.RECONNECTING:  # nothing answered for too long
+            timeout = self.engine_args.heartbeat_timeout
+            self._fail_waiting(
+                f"engine-core at {self.conn.address} did not answer for {timeout:g} s "
+                "(heartbeat_timeout); the client keeps trying to reconnect",
+                submitted_before=time.monotonic() - timeout,
+            )
+
+    def _heartbeat(self) -> None:
+        """Tell a daemon we are alive when we have said nothing for a while."""
+        timeout = self.ready.client_timeout_s if self.ready is not None else None
+        if timeout and time.monotonic() - self.conn.last_sent >= min(1.0, timeout / 4):
+            self.conn.send(encode(Heartbeat()))
 
     def _drain_wakeups(self) -> None:
         try:
@@ -273,24 +319,32 @@ class EngineClient:
             pass
 
     def _flush_outgoing(self) -> None:
-        """Send what callers queued, in order; adjacent adds (already encoded by the threads
-        that submitted them) travel as one `AddRequests`."""
+        """Send what callers queued, in order, skipping requests and calls that ended before
+        they went out; adjacent adds (already encoded by the threads that submitted them)
+        travel as one `AddRequests`, split below engine-core's frame limit."""
+        limit = self.ready.max_frame_bytes - FRAME_OVERHEAD
         adds: list[msgspec.Raw] = []
+        size = 0
         while True:
             try:
-                message = self.outgoing.get_nowait()
+                key, message = self.outgoing.get_nowait()
             except queue.Empty:
-                message = None
-            if isinstance(message, msgspec.Raw):
-                adds.append(message)
+                key, message = None, None
+            if isinstance(message, msgspec.Raw) and self.registry.get(key) is None:
+                continue  # aborted or failed before it was sent
+            if isinstance(message, UtilityCall) and not self.registry.has_call(key):
                 continue
-            if adds:
+            if adds and (not isinstance(message, msgspec.Raw) or size + len(message) > limit):
                 frame = adds[0] if len(adds) == 1 else encode(EncodedAddRequests(requests=adds))
                 self.conn.send(frame)
-                adds = []
-            if message is None:
+                adds, size = [], 0
+            if isinstance(message, msgspec.Raw):
+                adds.append(message)
+                size += len(message)
+            elif message is None:
                 return
-            self.conn.send(encode(message))
+            else:
+                self.conn.send(encode(message))
 
     def _on_frame(self, frame: bytes) -> None:
         try:
@@ -306,14 +360,65 @@ class EngineClient:
         elif isinstance(message, UtilityReply):
             future = self.registry.pop_call(message.call_id)
             if future is not None and not future.done():
-                if message.error is not None:
-                    future.set_exception(RuntimeError(message.error))
-                else:
+                if message.error is None:
                     future.set_result(message.result)
+                elif message.error_kind == "permission":
+                    future.set_exception(PermissionError(message.error))
+                else:
+                    future.set_exception(RuntimeError(message.error))
         elif isinstance(message, FrameRejected):
             logger.error("engine-core could not read a frame from this client: %s", message.error)
         elif isinstance(message, EngineDead):
-            self._die(message.error)
+            if self.conn.is_daemon:
+                self._connection_lost(
+                    f"engine-core at {self.conn.address} stopped: {message.error}"
+                )
+            else:
+                self._die(message.error)
+        elif isinstance(message, Disconnected):
+            self._connection_lost(f"engine-core at {self.conn.address}: {message.error}")
+        elif isinstance(message, Ready):
+            self._reconnected(message)
+        elif isinstance(message, StartupFailed):
+            self._fail_waiting(
+                f"engine-core at {self.conn.address} failed to start: {message.error}"
+            )
+
+    # ---- a daemon's link ---------------------------------------------------------------------
+
+    def _connection_lost(self, cause: str) -> None:
+        """Fail what was in flight, open fresh sockets and wait for a daemon's Ready."""
+        if self.lifecycle.advance(ClientState.RECONNECTING):
+            logger.warning("%s: failing requests in flight; reconnecting", cause)
+            self._fail_waiting(f"{cause}; the client reconnects by itself for new requests")
+        elif self.lifecycle.state is not ClientState.RECONNECTING:
+            return
+        self.conn.open()
+
+    def _reconnected(self, ready: Ready) -> None:
+        if self.lifecycle.state is not ClientState.RECONNECTING:
+            return
+        old = self.ready
+        if (ready.model_files_digest, ready.model_config.max_model_len) != (
+            old.model_files_digest,
+            old.model_config.max_model_len,
+        ):
+            self._die(
+                f"engine-core at {self.conn.address} came back serving another model "
+                f"({ready.model_config.path}): start a new client for it"
+            )
+            return
+        self.ready = ready
+        if self.lifecycle.advance(ClientState.RUNNING):
+            logger.info("reconnected to engine-core at %s", self.conn.address)
+
+    def _fail_waiting(self, message: str, submitted_before: float | None = None) -> None:
+        """Fail the requests and calls waiting for the engine (all, or those older than a time)."""
+        entries, calls = self.registry.pop_all(submitted_before)
+        output_delivery.fail(entries, message)
+        for future in calls:
+            if not future.done():
+                future.set_exception(EngineDeadError(message))
 
     def _die(self, cause: str) -> None:
         message = "the engine died: " + cause
@@ -325,12 +430,7 @@ class EngineClient:
     def _fail_everything(self) -> None:
         """End every stream and pending call with the lifecycle's error. Runs after the state
         stopped taking requests, so nothing registers behind it."""
-        message = str(self.lifecycle.error)
-        entries, calls = self.registry.pop_all()
-        output_delivery.fail(entries, message)
-        for future in calls:
-            if not future.done():
-                future.set_exception(type(self.lifecycle.error)(message))
+        self._fail_waiting(str(self.lifecycle.error))
 
     # ---- shutdown ------------------------------------------------------------------------------
 

@@ -93,15 +93,17 @@ class RequestRegistry:
             entry = self._calls.pop(call_id, None)
         return entry[0] if entry is not None else None
 
+    def has_call(self, call_id: int) -> bool:
+        with self._lock:
+            return call_id in self._calls
+
     # ---- everything at once --------------------------------------------------------------------
 
     def pop_all(
-        self, before: Callable[[], None] = lambda: None, submitted_before: float | None = None
+        self, submitted_before: float | None = None
     ) -> tuple[list[EngineRequest], list[concurrent.futures.Future]]:
-        """Drop every request and call (or only those submitted before a time); `before` runs
-        first, under the lock (it changes the client's state, see `add`)."""
+        """Drop every request and call, or those submitted before a (monotonic) time."""
         with self._lock:
-            before()
             if submitted_before is None:
                 entries = list(self._by_engine_id.values())
                 calls = [future for future, _ in self._calls.values()]
@@ -113,10 +115,10 @@ class RequestRegistry:
                 e.request_id for e in self._by_engine_id.values() if e.submitted < submitted_before
             }
             entries = [
-                e
-                for rid in old
-                for eid in self._by_request_id.pop(rid, [])
-                if (e := self._by_engine_id.pop(eid, None))
+                entry
+                for request_id in old
+                for engine_id in self._by_request_id.pop(request_id, [])
+                if (entry := self._by_engine_id.pop(engine_id, None)) is not None
             ]
             old_calls = [cid for cid, (_, t) in self._calls.items() if t < submitted_before]
             return entries, [self._calls.pop(cid)[0] for cid in old_calls]

@@ -76,12 +76,15 @@ def private_ipc_address(role: str) -> tuple[str, str]:
 _owned_socket_files: set[str] = set()  # ipc paths this process removes on any exit
 
 
-def restrict_socket_file(address: str) -> None:
-    """chmod 0600 the file behind an `ipc://` address we just bound, and remember to remove it."""
+def restrict_socket_file(address: str, mode: int = 0o600, gid: int | None = None) -> None:
+    """chmod the file behind an `ipc://` address we just bound (0600: ours alone; a daemon may
+    share it with a group), and remember to remove it."""
     if address.startswith("ipc://"):
         path = address[len("ipc://") :]
         if os.path.exists(path):
-            os.chmod(path, 0o600)
+            if gid is not None:
+                os.chown(path, -1, gid)
+            os.chmod(path, mode)
             remove_at_exit(address)
 
 

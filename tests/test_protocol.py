@@ -75,6 +75,7 @@ CLIENT_MESSAGES = [
     m.AbortRequests(request_ids=["r1", "r2"]),
     m.UtilityCall(call_id=3, method="sleep", args=[2]),
     m.Goodbye(),
+    m.Heartbeat(),
 ]
 CORE_MESSAGES = [
     m.Ready(
@@ -84,6 +85,8 @@ CORE_MESSAGES = [
         num_kv_blocks=10,
         max_num_batched_tokens=2048,
         core_pid=123,
+        client_timeout_s=5.0,
+        model_files_digest="ab" * 32,
     ),
     m.StartupFailed(error="OutOfMemoryError: no"),
     m.StepOutputs(
@@ -95,6 +98,7 @@ CORE_MESSAGES = [
     m.UtilityReply(call_id=4, error="ValueError: bad level"),
     m.FrameRejected(error="the frame is not msgpack"),
     m.EngineDead(error="worker 0 died"),
+    m.Disconnected(error="silent for 5 s"),
 ]
 TO_WORKER = [
     w.ExecuteModel(
@@ -195,7 +199,7 @@ GARBAGE = {
         }
     ),
     "pickle": b"\x80\x04\x95\x05\x00\x00\x00\x00\x00\x00\x00\x8c\x01x\x94.",
-    # msgspec raises UnicodeDecodeError, not a MsgspecError, for this
+    # msgspec raises UnicodeDecodeError, not a MsgspecError, for this (found by the fuzz)
     "invalid utf-8 in a key": b"\x81\xa4typ\xaa\xa3abc",
 }
 
