@@ -14,6 +14,8 @@ import sys
 from collections.abc import Coroutine, Iterable
 from typing import Any, TextIO, TypeVar
 
+import msgspec
+
 from zllm.frontend.cli_options import add_struct_options, given_options
 from zllm.frontend.cli_output import final_output, print_output
 from zllm.protocol.config import DAEMON_CLIENT_OPTIONS, EngineArgs
@@ -183,6 +185,10 @@ def cmd_engine_core(ns: argparse.Namespace) -> int:
         insecure=ns.insecure,
     )
     engine_args = engine_args_from(ns)
+    if ns.model_path is not None:
+        if engine_args.model is not None and engine_args.model != ns.model_path:
+            raise ValueError(f"two models: {ns.model_path!r} and --model {engine_args.model!r}")
+        engine_args = msgspec.structs.replace(engine_args, model=ns.model_path)
     server = EngineCoreServer(engine_args, input_address, output_address, options)
     try:  # listen first: a taken or impossible address fails in a moment, not after a load
         server.listen()
@@ -221,6 +227,12 @@ def cmd_keys_generate(ns: argparse.Namespace) -> int:
 
 def add_daemon_options(parser: argparse.ArgumentParser) -> None:
     """`zllm engine-core`'s own options (`core/server_options.py`)."""
+    parser.add_argument(
+        "model_path",
+        nargs="?",
+        metavar="MODEL",
+        help="the model: a checkpoint directory or hub id (or --model; default: the default model)",
+    )
     group = parser.add_argument_group("serving clients")
     group.add_argument(
         "--address",

@@ -243,6 +243,14 @@ def test_cli_has_an_option_for_every_engine_arg(command: list[str]) -> None:
         assert hasattr(ns, field.name), field.name
 
 
+def test_engine_core_takes_its_model_once(capsys) -> None:
+    from zllm.frontend.cli import main
+
+    argv = ["engine-core", "/models/a", "--model", "/models/b", "--address", "ipc:///tmp/x"]
+    assert main(argv) == 1
+    assert "two models: '/models/a' and --model '/models/b'" in capsys.readouterr().err
+
+
 def test_cli_options_become_engine_args() -> None:
     parser = build_parser()
     argv = ["generate", "hi", "--max-num-seqs", "3", "--block-size", "32", "--dtype", "bfloat16"]

@@ -40,7 +40,7 @@ class Daemon:
         self.address = address
         self.log = tempfile.NamedTemporaryFile("w+", prefix="zllm-daemon-", suffix=".log")
         command = [sys.executable, "-m", "zllm.frontend.cli", "engine-core", "--address", address]
-        command += ["--model", model, "--distributed-executor-backend", backend, *TINY, *options]
+        command += [model, "--distributed-executor-backend", backend, *TINY, *options]
         self.proc = subprocess.Popen(
             command,
             env=dict(os.environ, OMP_NUM_THREADS="1", **(env or {})),
