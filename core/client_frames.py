@@ -72,18 +72,14 @@ class FrameReader:
     def read(self, frames: list[bytes]) -> tuple[ClientMessage | None, list[list[bytes]]]:
         """(the message for the main thread or None, replies as [client, frame])."""
         client = frames[0]
-        if len(frames) == 2 and len(frames[1]) > self.max_frame_bytes:
-            message, answer = (
-                None,
-                Answer(
-                    frame_error=f"a frame of {len(frames[1])} bytes, over engine-core's limit of "
-                    f"{self.max_frame_bytes}: not read"
-                ),
-            )
-        elif len(frames) == 2:
-            message, answer = read_frame(frames[1])
+        message: ClientMessage | None = None
+        if len(frames) != 2:
+            answer = Answer(frame_error=f"a message of {len(frames) - 1} parts")
+        elif len(frames[1]) > self.max_frame_bytes:
+            size, limit = len(frames[1]), self.max_frame_bytes
+            answer = Answer(frame_error=f"a frame of {size} bytes, over the limit of {limit}")
         else:
-            message, answer = None, Answer(frame_error=f"a message of {len(frames) - 1} parts")
+            message, answer = read_frame(frames[1])
         if answer is not None:
             with self._lock:
                 self.num_rejected += 1

@@ -225,7 +225,3 @@ class ClientSockets:
         for address in self.bound:
             remove_socket_file(address)
         self.bound = []
-
-
-def client_name(identity: bytes, name: str) -> str:
-    return f"{name or 'client'} ({identity.hex()[:8]})"

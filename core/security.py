@@ -24,6 +24,7 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
+from zllm.core.client_frames import RateLimitedLog
 from zllm.core.server_options import ServerOptions
 
 logger = logging.getLogger("zllm.core")
@@ -85,6 +86,7 @@ class Security:
         self._server_keys: tuple[bytes, bytes] | None = None
         self._allowed: set[bytes] = set()  # z85 public keys
         self._admins: set[str] = set()
+        self._refusals = RateLimitedLog(logger)  # a stranger retrying must not flood the log
         if options.curve:
             if not zmq.has("curve"):
                 raise ListenError("this build of ZeroMQ has no CurveZMQ support")
@@ -106,7 +108,7 @@ class Security:
         """The ZAP handler asks: may this client key connect?"""
         allowed = key in self._allowed
         if not allowed:
-            logger.warning("refused a client with an unlisted Curve key %s", key.decode())
+            self._refusals.warning("refused a client with an unlisted Curve key %s", key.decode())
         return allowed
 
     def configure(self, sock: zmq.Socket) -> None:
@@ -117,10 +119,9 @@ class Security:
 
     def is_admin(self, frame: zmq.Frame) -> bool:
         """Whether the peer that sent this frame has the admin role."""
-        user = frame.get("User-Id") if self._admins else None
-        if user in self._admins:
+        if self._admins and _property(frame, "User-Id") in self._admins:
             return True
-        peer = frame.get("Peer-Address") or ""  # ipc: "localhost:UID:GID:PID"
+        peer = _property(frame, "Peer-Address") or ""  # ipc: "localhost:UID:GID:PID"
         parts = peer.split(":")
         return len(parts) == 4 and parts[1].isdigit() and int(parts[1]) in self.admin_uids
 
@@ -128,6 +129,13 @@ class Security:
         if self.auth is not None:
             self.auth.stop()
             self.auth = None
+
+
+def _property(frame: zmq.Frame, name: str) -> str | None:
+    try:
+        return frame.get(name)
+    except zmq.ZMQError:  # not set on this connection
+        return None
 
 
 def _load_key(path: str, secret: bool) -> tuple[bytes, bytes | None]:
