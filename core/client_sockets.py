@@ -28,6 +28,7 @@ import zmq
 from zllm.core.client_frames import FrameReader
 from zllm.core.client_registry import ClientRegistry
 from zllm.core.security import ListenError, Security, socket_file_mode
+from zllm.core.server_options import ServerOptions
 from zllm.protocol.messages import (
     Disconnected,
     FrameRejected,
@@ -61,14 +62,14 @@ class ClientSockets:
         reader: FrameReader,
         clients: ClientRegistry,
         security: Security,
-        socket_group: str | None,
+        options: ServerOptions,
     ) -> None:
         self.ctx = ctx
         self.addresses = addresses  # input, output
         self.reader = reader
         self.clients = clients
         self.security = security
-        self.socket_group = socket_group
+        self.options = options
         self.inbox: queue.Queue[tuple[bytes, Any, bool]] = queue.Queue(maxsize=INBOX_LIMIT)
         self.busy = lambda: False  # set by the server: whether the engine has work
         # Every thread that answers clients pushes [client, frame] here; the output thread
@@ -91,7 +92,7 @@ class ClientSockets:
 
     def listen(self) -> None:
         """Bind both sockets, so that a taken or impossible address is an error at once."""
-        mode, gid = socket_file_mode(self.socket_group)
+        mode, gid = socket_file_mode(self.options.socket_group)
         try:
             for address, linger in zip(self.addresses, (0, 1000)):
                 if address.startswith("ipc://") and ipc_listener_alive(address):
@@ -110,7 +111,7 @@ class ClientSockets:
                 except zmq.ZMQError as e:
                     raise ListenError(f"cannot listen on {address}: {e.strerror}") from None
                 self.bound.append(address)
-                restrict_socket_file(address, mode, gid)
+                restrict_socket_file(address, mode, gid, self.options.private_socket_dir)
         except BaseException:
             self.close()
             raise
@@ -223,5 +224,5 @@ class ClientSockets:
             self._outbox_pull.close(0)
         self._outbox.close(0)
         for address in self.bound:
-            remove_socket_file(address)
+            remove_socket_file(address, self.options.private_socket_dir)
         self.bound = []

@@ -92,7 +92,7 @@ class EngineCoreServer:
             self.reader,
             self.clients,
             self.security,
-            self.options.socket_group,
+            self.options,
         )
         self.sockets.busy = lambda: self.engine is not None and self.engine.has_work()
         self.notifier = SystemdNotifier.from_environ()

@@ -22,6 +22,9 @@ class ServerOptions:
     curve_admins: str | None = None
     insecure: bool = False  # allow a non-loopback TCP address without Curve
     warm_up: bool = True  # run one request through the engine before reporting ready
+    # The sockets are in a directory made for this core alone (`private_ipc_address`),
+    # removed with them; a daemon's directory is its operator's and stays.
+    private_socket_dir: bool = False
 
     def __post_init__(self) -> None:
         if self.client_timeout is not None and not self.client_timeout > 0:
@@ -43,4 +46,4 @@ class ServerOptions:
 
     @classmethod
     def spawned(cls) -> ServerOptions:
-        return cls(client_timeout=None, drain_timeout=0.0, warm_up=False)
+        return cls(client_timeout=None, drain_timeout=0.0, warm_up=False, private_socket_dir=True)

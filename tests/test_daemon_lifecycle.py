@@ -6,10 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import grp
+import json
 import os
+import shutil
 import signal
 import socket
 import stat
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -18,11 +23,16 @@ from pathlib import Path
 import psutil
 import pytest
 from scripts.daemon_process import Daemon
+from scripts.raw_client import RawClient
+from scripts.scenario_process import SCRIPTS
 
-from zllm import AsyncLLM, EngineArgs, EngineDeadError, SamplingParams
+from zllm import LLM, AsyncLLM, EngineArgs, EngineDeadError, SamplingParams
+from zllm.protocol import messages as m
+from zllm.protocol.process import core_addresses
 
 WATCHDOG_USEC = 400_000  # pings every 0.2 s
 GROUP = "daemon"  # a group every Linux system has
+NOBODY = 65534  # the user "nobody"
 
 
 class NotifySocket:
@@ -155,12 +165,13 @@ def test_notify_watchdog_from_the_busy_loop_and_drain_on_sigterm(tiny_checkpoint
 
 @pytest.mark.timeout(180)
 def test_clients_outlive_a_daemon_restart(tiny_checkpoints, tmp_path):
-    """In-flight calls raise (within 2 s of the daemon's death), new ones fail fast while
-    nothing listens, and once a daemon is back a new request just works."""
+    """In-flight calls raise (within 2 s of the daemon's death, or with the drain's reason
+    when it is stopped by SIGTERM), new ones fail fast while nothing listens, and once a
+    daemon is back a new request just works."""
     address = f"ipc://{tmp_path}/core"
     model = tiny_checkpoints["llama"]
     first = Daemon(model, address)
-    second = None
+    second = third = None
     engine = AsyncLLM(EngineArgs(engine_core_address=address))
     long = SamplingParams(max_tokens=1000, temperature=0, ignore_eos=True)
     short = SamplingParams(max_tokens=8, temperature=0)
@@ -193,16 +204,81 @@ def test_clients_outlive_a_daemon_restart(tiny_checkpoints, tmp_path):
         assert not engine.errored, "the client itself lives on"
 
         assert stat.S_IMODE(os.stat(f"{tmp_path}/core.in").st_mode) == 0o600  # the default
-        second = Daemon(model, address, "--socket-group", GROUP)
+        second = Daemon(model, address, "--socket-group", GROUP, "--drain-timeout", "0.5")
         second.wait_for_log("listening on")
         shared = os.stat(f"{tmp_path}/core.out")
         assert stat.S_IMODE(shared.st_mode) == 0o660 and shared.st_gid == grp.getgrnam(GROUP).gr_gid
         assert asyncio.run(final("Hello again")) == before  # waits for the new daemon's Ready
         assert engine.is_running
+
+        # A restart as systemd does it: SIGTERM (a drain, exit 0), then a new daemon. The
+        # stream in flight ends with the drain's reason; the next request just works.
+        async def drained_while_streaming() -> tuple[int, str]:
+            tokens = 0
+            try:
+                async for out in engine.generate("Streaming through a restart", long):
+                    if not tokens:  # one SIGTERM, as systemd sends (a second stops at once)
+                        second.proc.terminate()
+                    tokens = len(out.outputs[0].token_ids)
+            except EngineDeadError as e:
+                return tokens, str(e)
+            raise AssertionError("the stream outlived the drain")
+
+        tokens, error = asyncio.run(drained_while_streaming())
+        assert tokens < 1000 and "engine shutting down" in error, (tokens, error)
+        assert second.proc.wait(30) == 0, second.output()[-3000:]
+        third = Daemon(model, address)
+        third.wait_for_log("listening on")
+        assert asyncio.run(final("Hello again")) == before
         engine.shutdown()
-        assert second.stop() == 0
+        assert third.stop() == 0
     finally:
         engine.shutdown()
-        first.kill()
-        if second is not None:
-            second.kill()
+        for daemon in (first, second, third):
+            if daemon is not None:
+                daemon.kill()
+
+
+@pytest.mark.timeout(120)
+def test_ipc_roles_follow_the_peer_uid(tiny_checkpoints):
+    """An ipc client running as the daemon's user may put the engine to sleep; a process of
+    another user (let in by --socket-group) runs requests alike but may not."""
+    folder = tempfile.mkdtemp(prefix="zllm-roles-")
+    os.chmod(folder, 0o755)  # others may reach the sockets: their own mode decides
+    address = f"ipc://{folder}/core"
+    daemon = Daemon(tiny_checkpoints["llama"], address, "--socket-group", GROUP)
+    llm = raw = None
+    try:
+        daemon.wait_for_log("engine-core ready")
+        llm = LLM(engine_core_address=address)
+        llm.sleep()
+        assert llm.is_sleeping()
+        llm.wake_up()
+        if os.geteuid() != 0:
+            pytest.skip("a client process of another user needs root to start")
+
+        raw = RawClient(*core_addresses(address))
+        params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+        raw.send(m.AddRequest(request_id="r", prompt_token_ids=[5, 6, 7], sampling_params=params))
+        expected = [t for u in raw.updates_until_finished({"r"}, 60)["r"] for t in u.new_token_ids]
+        other = subprocess.run(
+            [sys.executable, str(SCRIPTS / "non_admin_client.py"), address, str(NOBODY)]
+            + [str(grp.getgrnam(GROUP).gr_gid)],
+            env=dict(os.environ, PYTHONPATH=str(SCRIPTS)),
+            cwd=folder,
+            capture_output=True,
+            text=True,
+            timeout=90,
+        )
+        assert other.returncode == 0, other.stderr[-3000:]
+        out = json.loads(other.stdout)
+        assert out["tokens"] == expected and len(expected) == 4, out
+        assert out["kind"] == "permission" and "sleep changes the engine" in out["sleep_error"]
+        assert not llm.is_sleeping()
+    finally:
+        if raw is not None:
+            raw.close()
+        if llm is not None:
+            llm.shutdown()
+        daemon.stop()
+        shutil.rmtree(folder, ignore_errors=True)
