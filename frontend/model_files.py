@@ -27,14 +27,15 @@ _COMPLETE = ".complete"
 def local_model_files(client: EngineClient) -> Path:
     """The folder holding the daemon's files, fetched if this machine has no copy yet."""
     digest = client.ready.model_files_digest
+    if not model_files.is_digest(digest):
+        raise EngineStartupError(f"engine-core's Ready names no sha256 digest: {digest[:80]!r}")
     folder = Path(os.environ.get("ZLLM_ENGINE_FILES") or cache_dir() / "engine-files") / digest
     if (folder / _COMPLETE).is_file():
         return folder
     files = client.call("get_model_files").result(timeout=FETCH_TIMEOUT_S)
-    if model_files.digest(files) != digest:
-        raise EngineStartupError(
-            f"the files engine-core sent do not match the digest of its Ready ({digest[:12]}…)"
-        )
+    problem = model_files.check(files, digest)
+    if problem is not None:
+        raise EngineStartupError(f"refused the model files engine-core sent: {problem}")
     try:
         return _store(files, folder)
     except OSError:  # no writable cache: a private folder for this process

