@@ -109,7 +109,9 @@ def test_three_client_processes_match_solo_runs_and_a_killed_one_is_forgotten(
                 assert out["prompt_token_ids"] == solo[prompt]["prompt_token_ids"]
                 assert out["text"] == reference.decode(out["token_ids"])
 
-        assert next_line(0) == {"streaming": True}
+        # All three stream; one is killed. The other two keep streaming: each completes
+        # whole streams after the killed one's were aborted and its blocks freed.
+        assert all(next_line(i) == {"streaming": True} for i in range(3))
         clients_before = asyncio.run(engine.get_stats()).num_clients
         clients[0].kill()
         killed = time.monotonic()
@@ -120,11 +122,16 @@ def test_three_client_processes_match_solo_runs_and_a_killed_one_is_forgotten(
         assert forgotten_s < CLIENT_TIMEOUT_S + 1
         # Its request was aborted with it (the others run one each); abort frees the blocks.
         assert stats.num_running + stats.num_waiting <= 2, (stats, daemon.output()[-3000:])
-
-        for i in (1, 2):  # the others stream on to the end
+        forgotten = time.monotonic()
+        for i in (1, 2):  # the others stream on: whole streams, one begun after the forget
+            while (line := next_line(i))["started"] < forgotten:
+                assert line["long_tokens"] == 600, lines[i]
+            assert line["long_tokens"] == 600, lines[i]
+            clients[i].stdin.write("stop\n")
+            clients[i].stdin.flush()
+        for i in (1, 2):
             while "ok" not in (last := next_line(i)):
-                pass
-            assert last["long_tokens"] == 600, lines[i]
+                assert last["long_tokens"] == 600, lines[i]
         assert clients[1].wait(30) == 0 and clients[2].wait(30) == 0
         stats = asyncio.run(engine.get_stats())
         assert stats.num_running == stats.kv_blocks_used == 0, stats

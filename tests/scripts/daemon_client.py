@@ -2,8 +2,10 @@
 
 Prints JSON lines: `{"connected": true}`, then (after a line on stdin, so that several
 clients start together) the greedy outputs of its prompts, generated concurrently
-(`{"outputs": ...}`), then, while a long stream runs, `{"streaming": true}` once tokens flow
-and `{"ok": ..., "long_tokens": N}` when it ends.
+(`{"outputs": ...}`), then long streams one after another until a second line on stdin:
+`{"streaming": true}` once the first one's tokens flow, `{"long_tokens": N, "started": T}`
+(`time.monotonic()`) as each ends,
+and `{"ok": true, "streams": K}` at the end.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+import threading
+import time
 
 from zllm import AsyncLLM, EngineArgs, SamplingParams
 
@@ -30,15 +34,19 @@ async def final(engine: AsyncLLM, prompt: str, params: SamplingParams) -> dict:
     }
 
 
-async def main(engine: AsyncLLM, prompts: list[str]) -> int:
+async def main(engine: AsyncLLM, prompts: list[str], stop: threading.Event) -> int:
     outputs = await asyncio.gather(*(final(engine, p, SHORT) for p in prompts))
     print(json.dumps({"outputs": outputs}), flush=True)
-    tokens = 0
-    async for out in engine.generate(prompts[0], LONG):
-        if tokens == 0:
-            print(json.dumps({"streaming": True}), flush=True)
-        tokens = len(out.outputs[0].token_ids)
-    return tokens
+    streams = 0
+    while not stop.is_set():
+        tokens, started = 0, time.monotonic()  # one clock for every process of the host
+        async for out in engine.generate(prompts[0], LONG):
+            if tokens == 0 and streams == 0:
+                print(json.dumps({"streaming": True}), flush=True)
+            tokens = len(out.outputs[0].token_ids)
+        print(json.dumps({"long_tokens": tokens, "started": started}), flush=True)
+        streams += 1
+    return streams
 
 
 if __name__ == "__main__":
@@ -46,6 +54,8 @@ if __name__ == "__main__":
     engine = AsyncLLM(EngineArgs(engine_core_address=address))
     print(json.dumps({"connected": True}), flush=True)
     sys.stdin.readline()
-    tokens = asyncio.run(main(engine, prompts))
+    stop = threading.Event()
+    threading.Thread(target=lambda: (sys.stdin.readline(), stop.set()), daemon=True).start()
+    streams = asyncio.run(main(engine, prompts, stop))
     engine.shutdown()
-    print(json.dumps({"ok": True, "long_tokens": tokens}), flush=True)
+    print(json.dumps({"ok": True, "streams": streams}), flush=True)
