@@ -3,8 +3,9 @@
 A frame normally decodes to one typed `ClientMessage`. When it does not, the frame is read
 again untyped, request by request, so that every request and call it names gets an answer
 (an error) instead of silence, and the good requests beside a bad one still run. Only a
-frame that names nothing is answered with `FrameRejected`. Requests that break the
-admission rules are refused here too, so a flood of bad frames never reaches the busy loop.
+frame that names nothing is answered with `FrameRejected`, and so is a frame over the size
+limit (unread). Requests that break the admission rules are refused here too, so a flood of
+bad frames never reaches the busy loop; so are all requests while engine-core drains.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import msgspec
 
 from zllm.protocol.admission import AdmissionLimits, describe_validation_error, request_error
 from zllm.protocol.messages import (
+    MAX_FRAME_BYTES,
     AddRequest,
     AddRequests,
     ClientMessage,
@@ -27,6 +29,7 @@ from zllm.protocol.messages import (
     StepOutputs,
     UtilityReply,
     decode_client_message,
+    decode_untyped,
     encode,
 )
 
@@ -59,6 +62,9 @@ class FrameReader:
 
     def __init__(self, logger: logging.Logger) -> None:
         self.limits: AdmissionLimits | None = None  # set once the engine is up
+        self.max_frame_bytes = MAX_FRAME_BYTES
+        # Set while engine-core drains: every request is refused with this error.
+        self.refusing: str | None = None
         self.num_rejected = 0  # frames that did not decode (cumulative)
         self._lock = threading.Lock()
         self._log = RateLimitedLog(logger)
@@ -66,10 +72,14 @@ class FrameReader:
     def read(self, frames: list[bytes]) -> tuple[ClientMessage | None, list[list[bytes]]]:
         """(the message for the main thread or None, replies as [client, frame])."""
         client = frames[0]
-        if len(frames) == 2:
-            message, answer = read_frame(frames[1])
+        message: ClientMessage | None = None
+        if len(frames) != 2:
+            answer = Answer(frame_error=f"a message of {len(frames) - 1} parts")
+        elif len(frames[1]) > self.max_frame_bytes:
+            size, limit = len(frames[1]), self.max_frame_bytes
+            answer = Answer(frame_error=f"a frame of {size} bytes, over the limit of {limit}")
         else:
-            message, answer = None, Answer(frame_error=f"a message of {len(frames) - 1} parts")
+            message, answer = read_frame(frames[1])
         if answer is not None:
             with self._lock:
                 self.num_rejected += 1
@@ -87,7 +97,11 @@ class FrameReader:
     def _screen(self, adds: AddRequests, answer: Answer) -> AddRequests | None:
         """Keep the requests the admission rules allow; refuse the others in `answer`."""
         good = []
+        refusing = self.refusing
         for add in adds.requests:
+            if refusing is not None:
+                answer.updates.append(RequestUpdate.refused(add.request_id, refusing, "shutdown"))
+                continue
             if self.limits is None:  # a client must wait for Ready; ours always do
                 error = "engine-core is not ready yet: wait for its Ready before sending requests"
             else:
@@ -106,7 +120,7 @@ def read_frame(frame: bytes) -> tuple[ClientMessage | None, Answer | None]:
     except msgspec.MsgspecError as e:
         error = describe_validation_error(e) if isinstance(e, msgspec.ValidationError) else str(e)
     try:
-        raw = msgspec.msgpack.decode(frame)
+        raw = decode_untyped(frame)
     except msgspec.MsgspecError:
         return None, Answer(frame_error=f"the frame is not msgpack: {error}")
     kind = raw.get("type") if isinstance(raw, dict) else None

@@ -6,7 +6,8 @@ prompt may be split over several steps (chunked prefill), and a preempted reques
 starts again from zero computed tokens (recompute), keeping what it generated. A pooling
 request is a prompt alone, batched like any other; an encoder's prompt is never split.
 Running requests go first (decodes before new prefills), then waiting ones in the order of
-the scheduling policy (`core/request_queue.py`: arrival, or priority then arrival).
+the scheduling policy (`core/request_queue.py`: arrival, or priority then arrival), clients
+taking turns among equal priority (`fair_admission.ClientRoundRobin`).
 
 A step's tokens count as computed when it is scheduled, and a chunk that ends a request's
 tokens leaves a placeholder for the token it samples: the next step can be scheduled while
@@ -18,6 +19,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from zllm.core.fair_admission import ClientRoundRobin
 from zllm.core.kv_cache_manager import KVCacheManager
 from zllm.core.request import Request, RequestStatus
 from zllm.core.request_queue import create_request_queue
@@ -54,6 +56,8 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.enable_chunked_prefill = enable_chunked_prefill
         self.waiting = create_request_queue(policy)
+        self.by_priority = policy == "priority"
+        self.admission_order = ClientRoundRobin()
         self.running: list[Request] = []  # in the policy's order: the last is preempted first
         self.requests: dict[str, Request] = {}
         self._finished_keys: list[str] = []
@@ -113,10 +117,11 @@ class Scheduler:
                 budget -= n
                 i += 1
 
-        while (
-            self.waiting and budget > 0 and not preempted and len(self.running) < self.max_num_seqs
-        ):
-            request = self.waiting.peek_request()
+        can_admit = budget > 0 and not preempted and len(self.running) < self.max_num_seqs
+        candidates = self.admission_order.order(self.waiting, self.by_priority) if can_admit else ()
+        for request in candidates:
+            if budget <= 0 or len(self.running) >= self.max_num_seqs:
+                break
             if request.num_output_placeholders:  # preempted while a step samples for it
                 break
             computed, num_cached = self.kv.get_computed_blocks(request)
@@ -128,7 +133,11 @@ class Scheduler:
                 n = budget
             if not self.kv.allocate_slots(request, n, computed):
                 break
-            self.waiting.pop_request()
+            if self.waiting.peek_request() is request:
+                self.waiting.pop_request()
+            else:
+                self.waiting.remove_request(request)
+            self.admission_order.admitted(request)
             self.kv.record_lookup(request, num_cached)
             request.num_computed_tokens = num_cached
             if request.num_cached_tokens < 0:

@@ -1,4 +1,4 @@
-"""The `zllm` command: generate, chat, serve, download-default, engine-core, bench.
+"""The `zllm` command: generate, chat, serve, download-default, engine-core, keys, bench.
 
 Every `EngineArgs` field is an option (`max_num_seqs` -> `--max-num-seqs`), and so is every
 `SamplingParams` field of `generate` and `chat` (`--top-k`, `--min-p`), derived from the Structs
@@ -14,9 +14,11 @@ import sys
 from collections.abc import Coroutine, Iterable
 from typing import Any, TextIO, TypeVar
 
+import msgspec
+
 from zllm.frontend.cli_options import add_struct_options, given_options
 from zllm.frontend.cli_output import final_output, print_output
-from zllm.protocol.config import EngineArgs
+from zllm.protocol.config import DAEMON_CLIENT_OPTIONS, EngineArgs
 from zllm.protocol.sampling_params import RequestOutputKind, SamplingParams
 
 T = TypeVar("T")
@@ -167,26 +169,111 @@ def cmd_engine_core(ns: argparse.Namespace) -> int:
     """Serve engine-core in the foreground until SIGTERM/SIGINT; clients connect to `--address`."""
     from zllm.core.main import configure_logging
     from zllm.core.server import EngineCoreServer
+    from zllm.core.server_options import ServerOptions
     from zllm.frontend.default_model import resolve_engine_args
     from zllm.protocol.process import core_addresses
 
     configure_logging()
     input_address, output_address = core_addresses(ns.address)  # ValueError: a bad address
+    options = ServerOptions(
+        client_timeout=ns.client_timeout,
+        drain_timeout=ns.drain_timeout,
+        socket_group=ns.socket_group,
+        curve_secret_key=ns.server_secret_key,
+        curve_clients=ns.curve_clients,
+        curve_admins=ns.curve_admins,
+        insecure=ns.insecure,
+    )
     engine_args = engine_args_from(ns)
-    server = EngineCoreServer(engine_args, input_address, output_address)
+    if ns.model_path is not None:
+        if engine_args.model is not None and engine_args.model != ns.model_path:
+            raise ValueError(f"two models: {ns.model_path!r} and --model {engine_args.model!r}")
+        engine_args = msgspec.structs.replace(engine_args, model=ns.model_path)
+    server = EngineCoreServer(engine_args, input_address, output_address, options)
     try:  # listen first: a taken or impossible address fails in a moment, not after a load
         server.listen()
         engine_args = resolve_engine_args(engine_args)
         server.engine_args = engine_args
         logging.getLogger("zllm.core").info(
-            "engine-core for %s listening on %s, %s",
+            "engine-core for %s listening on %s, %s%s",
             engine_args.model,
             input_address,
             output_address,
+            " (CurveZMQ)" if options.curve else "",
         )
         return server.serve()
     finally:
         server.close()
+
+
+def cmd_keys_generate(ns: argparse.Namespace) -> int:
+    """Write a CurveZMQ key pair: NAME.key (public: give it to the other side) and
+    NAME.key_secret (secret, mode 0600)."""
+    import os
+    from pathlib import Path
+
+    import zmq.auth
+
+    directory = Path(ns.directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for suffix in (".key", ".key_secret"):
+        if (directory / f"{ns.name}{suffix}").exists():
+            raise ValueError(f"{directory / (ns.name + suffix)} exists already: not overwritten")
+    public, secret = zmq.auth.create_certificates(directory, ns.name)
+    os.chmod(secret, 0o600)
+    print(f"public key: {public}\nsecret key: {secret}")
+    return 0
+
+
+def add_daemon_options(parser: argparse.ArgumentParser) -> None:
+    """`zllm engine-core`'s own options (`core/server_options.py`)."""
+    parser.add_argument(
+        "model_path",
+        nargs="?",
+        metavar="MODEL",
+        help="the model: a checkpoint directory or hub id (or --model; default: the default model)",
+    )
+    group = parser.add_argument_group("serving clients")
+    group.add_argument(
+        "--address",
+        required=True,
+        help="ipc:///path/name (sockets name.in, name.out) or tcp://host:port (port, port+1)",
+    )
+    group.add_argument(
+        "--client-timeout",
+        type=float,
+        default=5.0,
+        help="forget a client silent this long (s): its requests are aborted (default 5)",
+    )
+    group.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        help="on SIGTERM, let running requests finish this long (s), then abort them; "
+        "0 stops at once (default 30)",
+    )
+    group.add_argument(
+        "--socket-group",
+        help="ipc socket files 0660 for this group (default: 0600, the daemon's user only)",
+    )
+    group.add_argument(
+        "--curve-secret-key",
+        dest="server_secret_key",  # not EngineArgs.curve_secret_key: that is a client's key
+        help="CurveZMQ: this daemon's secret key file (zllm keys generate)",
+    )
+    group.add_argument(
+        "--curve-clients", help="CurveZMQ: a directory of client public keys allowed to connect"
+    )
+    group.add_argument(
+        "--curve-admins",
+        help="CurveZMQ: a directory of public keys allowed to connect with the admin role "
+        "(sleep, wake_up, reset_prefix_cache, collective_rpc, shutdown)",
+    )
+    group.add_argument(
+        "--insecure",
+        action="store_true",
+        help="listen on a non-loopback TCP address without CurveZMQ (anyone reaching it is a client)",
+    )
 
 
 # ---- the parser ------------------------------------------------------------------------------------
@@ -224,17 +311,20 @@ def build_parser() -> argparse.ArgumentParser:
     dl.set_defaults(func=cmd_download_default)
 
     core = sub.add_parser("engine-core", help="run engine-core as a long-lived daemon (foreground)")
-    core.add_argument(
-        "--address",
-        required=True,
-        help="ipc:///path/name (sockets name.in, name.out) or tcp://host:port (port, port+1)",
-    )
-    add_engine_args(core, exclude=("engine_core_address",))
+    add_daemon_options(core)
+    add_engine_args(core, exclude=("engine_core_address", *DAEMON_CLIENT_OPTIONS))
     core.set_defaults(func=cmd_engine_core)
 
     from zllm.frontend.serve.cli import add_serve_parser
 
     add_serve_parser(sub)
+
+    keys = sub.add_parser("keys", help="CurveZMQ keys for engine-core daemons and their clients")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    generate = keys_sub.add_parser("generate", help="write a key pair: NAME.key, NAME.key_secret")
+    generate.add_argument("directory")
+    generate.add_argument("--name", default="zllm", help="file name stem (default: zllm)")
+    generate.set_defaults(func=cmd_keys_generate)
 
     from zllm.bench.cli import add_bench_parser
 

@@ -1,15 +1,20 @@
-"""The frontend's connection to engine-core: spawns it (or connects to a daemon), and runs a
-private I/O thread that owns both sockets.
+"""The frontend's client of engine-core: callers' threads submit, a private I/O thread talks.
 
-Callers from any thread or event loop hand requests to the I/O thread through a queue;
-the I/O thread turns engine outputs into `RequestOutput`s and puts them into each
-request's `RequestStream`. If the engine dies, every stream and every pending call gets
-`EngineDeadError` at once.
+Three parts, each in its own module: the link to engine-core (`core_connection.py`: spawn or
+connect, handshake, liveness), what the engine owes us (`request_registry.py`: caller's ids
+-> engine ids, n > 1 children, utility calls) and how its outputs reach the callers
+(`output_delivery.py`). One `Lifecycle` (`client_state.py`) says where the client is.
 
-Each request gets an engine-side id (the caller's id plus a random suffix, as vLLM does), so
-a caller may reuse an id the moment its request is aborted without ever receiving the old
-request's late tokens. A request with `n > 1` is n engine requests sharing one stream
-(`parallel_sampling.fan_out`).
+Callers from any thread or event loop encode their frames themselves and queue them; the I/O
+thread owns the sockets: it forwards the frames, folds engine outputs into each request's
+`RequestStream`, and fails every stream and pending call with `EngineDeadError` the moment
+the engine is gone. It never holds a lock that submission needs while it detokenizes.
+
+A client of a daemon outlives the daemon: when the connection is lost (the daemon died,
+restarted, forgot us, or was silent for `heartbeat_timeout`) in-flight requests fail, and
+the client reconnects by itself. Requests submitted meanwhile wait for the daemon's Ready;
+they fail at once while nothing listens at the address, and after `heartbeat_timeout` if
+nothing answers. A daemon that comes back serving another model ends the client (DEAD).
 """
 
 from __future__ import annotations
@@ -20,41 +25,38 @@ import concurrent.futures
 import contextlib
 import itertools
 import logging
-import os
 import queue
 import socket
-import subprocess
-import sys
 import threading
 import time
 import uuid
 import weakref
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import msgspec
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 
-from zllm.frontend.errors import EngineDeadError, EngineOverloadedError, EngineStartupError
+from zllm.frontend import output_delivery
+from zllm.frontend.client_state import ClientState, Lifecycle
+from zllm.frontend.core_connection import POLL_MS, CoreConnection
+from zllm.frontend.errors import EngineDeadError
 from zllm.frontend.input_processor import ProcessedRequest
-from zllm.frontend.output_processor import finish_aborted
 from zllm.frontend.parallel_sampling import fan_out
 from zllm.frontend.pooling_state import PoolingRequestState
-from zllm.frontend.stream import ConsumerGone, RequestStream
+from zllm.frontend.request_registry import EngineRequest, RequestRegistry
+from zllm.frontend.stream import RequestStream
 from zllm.protocol.config import EngineArgs
 from zllm.protocol.messages import (
-    PROTOCOL_VERSION,
     AbortRequests,
     AddRequest,
+    Disconnected,
     EncodedAddRequests,
     EngineDead,
     FrameRejected,
     Goodbye,
-    Hello,
+    Heartbeat,
     Ready,
-    RequestUpdate,
     StartupFailed,
     StepOutputs,
     UtilityCall,
@@ -63,39 +65,12 @@ from zllm.protocol.messages import (
     encode,
 )
 from zllm.protocol.pooling_params import PoolingParams
-from zllm.protocol.process import (
-    core_addresses,
-    describe_exit,
-    listener_error,
-    private_ipc_address,
-    remove_socket_file,
-    spawn_env,
-)
 from zllm.protocol.sampling_params import SamplingParams
 
 logger = logging.getLogger("zllm.frontend")
 
-POLL_MS = 100
-# How long a client waits for engine-core's Ready: loading a large model takes minutes.
-STARTUP_TIMEOUT_S = float(os.environ.get("ZLLM_STARTUP_TIMEOUT", "900"))
-STARTUP_LOG_EVERY_S = 30.0
-CONNECT_GRACE_S = 10.0  # how long a daemon's socket may take to appear
-# Daemon connections: ZMTP heartbeats turn a silent peer into a disconnect within this time.
-HEARTBEAT_IVL_MS = 500
-HEARTBEAT_TIMEOUT_MS = 1500
-
-
 _PARAMS_FIELD = {SamplingParams: "sampling_params", PoolingParams: "pooling_params"}
-
-
-@dataclass
-class _Live:
-    """One request the engine is running for us."""
-
-    request_id: str  # the caller's
-    engine_id: str  # the engine's: the (child's) id plus a suffix
-    state: Any  # a `RequestState`, or a `ChildHandle` for one of n > 1 samples
-    stream: RequestStream  # shared by the n children of a request
+FRAME_OVERHEAD = 1024  # room for the `AddRequests` envelope around encoded requests
 
 
 class EngineClient:
@@ -107,142 +82,70 @@ class EngineClient:
         """
         self.engine_args = engine_args
         self.tokenizer = tokenizer
-        self.identity = uuid.uuid4().bytes
-        self.proc: subprocess.Popen | None = None
-        self.ctx = zmq.Context()
-        self.requests: dict[str, _Live] = {}  # by engine id
-        self.by_request_id: dict[str, list[str]] = {}  # caller's id -> engine ids (n of them)
-        self.lock = threading.Lock()
-        self.outgoing: queue.Queue[msgspec.Struct] = queue.Queue()
-        self._abandoned: collections.deque[str] = collections.deque()  # see `abort_soon`
-        self.calls: dict[int, concurrent.futures.Future] = {}
-        self.call_ids = itertools.count()
-        self.dead_error: EngineDeadError | None = None
+        self.lifecycle = Lifecycle()
+        self.registry = RequestRegistry()
         self.ready: Ready | None = None
         self.io_thread: threading.Thread | None = None
-        self._closed = False
+        # (engine id, encoded AddRequest), (call id, UtilityCall), or a message: what is
+        # queued for a request or call no longer pending is never sent.
+        self.outgoing: queue.Queue[tuple[Any, msgspec.Struct | msgspec.Raw]] = queue.Queue()
+        self._abandoned: collections.deque[str] = collections.deque()  # see `abort_soon`
+        self._owner_dropped = False  # see `shutdown_soon`
+        self._call_ids = itertools.count()
         self._held = 0  # > 0 inside `holding()`
-        self._shutdown_requested = False
-        self._shutdown_started = False
-        self._shutdown_thread: threading.Thread | None = None
-        self._shutdown_done = threading.Event()
-        self._resources_closed = False
-        self._monitor: zmq.Socket | None = None
+        self._held_lock = threading.Lock()
+        self._closer: threading.Thread | None = None  # the thread running `shutdown`
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
-
         try:
-            if engine_args.engine_core_address:
-                self.input_address, self.output_address = core_addresses(
-                    engine_args.engine_core_address
-                )
-                self._wait_for_listener()
-            else:
-                self.input_address, self._ipc_dir = private_ipc_address("core-input")
-                self.output_address = f"ipc://{self._ipc_dir}/core-output.sock"
-                self._spawn_core()
-            self.input = self._socket(self.input_address)
-            self.output = self._socket(self.output_address)
-            self.output.send(
-                encode(Hello(protocol_version=PROTOCOL_VERSION, client_name=f"pid-{os.getpid()}"))
-            )
-            if wait:
-                self.wait_ready()
+            self.conn = CoreConnection(engine_args)
         except BaseException:
-            self._close_resources(kill=True)
+            self._release_wakeup()
+            self.lifecycle.advance(ClientState.CLOSED)
             raise
+        if wait:
+            self.wait_ready()
 
-    # ---- start-up --------------------------------------------------------------------------
+    # ---- views ---------------------------------------------------------------------------------
 
-    def _spawn_core(self) -> None:
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "zllm.core.main",
-                "--input",
-                self.input_address,
-                "--output",
-                self.output_address,
-            ],
-            stdin=subprocess.PIPE,
-            env=spawn_env(),
-        )
-        self.proc.stdin.write(msgspec.json.encode(self.engine_args))
-        self.proc.stdin.close()
+    @property
+    def proc(self):
+        return self.conn.proc
 
-    def _wait_for_listener(self) -> None:
-        """Fail fast when no daemon listens at the address (after a short grace, for a daemon
-        started at the same moment): ZeroMQ itself would wait silently forever."""
-        deadline = time.monotonic() + CONNECT_GRACE_S
-        while (absent := listener_error(self.output_address)) is not None:
-            if time.monotonic() > deadline:
-                address = self.engine_args.engine_core_address
-                raise EngineStartupError(
-                    f"no engine-core is listening at {address}: {absent} after "
-                    f"{CONNECT_GRACE_S:.0f} s (start one with `zllm engine-core --address {address}`)"
-                )
-            time.sleep(0.1)
+    @property
+    def input_address(self) -> str:
+        return self.conn.input_address
 
-    def _socket(self, address: str) -> zmq.Socket:
-        sock = self.ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.IDENTITY, self.identity)
-        sock.setsockopt(zmq.LINGER, 0)
-        if self.proc is None:  # a daemon: notice a silent peer, not only a closed one
-            sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
-            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
-        sock.connect(address)
-        return sock
+    @property
+    def output_address(self) -> str:
+        return self.conn.output_address
+
+    @property
+    def state(self) -> ClientState:
+        return self.lifecycle.state
+
+    @property
+    def dead_error(self):
+        """The error every call raises once the engine is dead or shut down, else None."""
+        return self.lifecycle.error if self.lifecycle.finished else None
+
+    # ---- start-up --------------------------------------------------------------------------------
 
     def wait_ready(self) -> Ready:
         """Finish the handshake and start the I/O thread; raise the core's own start-up error."""
         if self.ready is not None:
             return self.ready
         try:
-            self.ready = self._handshake()
+            self.ready = self.conn.handshake()
         except BaseException:
-            self._close_resources(kill=True)
+            self._release(kill=True)
             raise
-        if self.proc is None:
-            self._monitor = self.output.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self.lifecycle.advance(ClientState.RUNNING)
         self.io_thread = threading.Thread(target=self._io_loop, name="zllm-client-io", daemon=True)
         self.io_thread.start()
         _live_clients.add(self)
         return self.ready
-
-    def _handshake(self) -> Ready:
-        start = time.monotonic()
-        deadline, next_log = start + STARTUP_TIMEOUT_S, start + STARTUP_LOG_EVERY_S
-        what = (
-            f"the engine-core daemon at {self.engine_args.engine_core_address}"
-            if self.proc is None
-            else f"engine-core (pid {self.proc.pid}) to load {self.engine_args.model}"
-        )
-        while time.monotonic() < deadline:
-            if self.output.poll(POLL_MS):
-                message = decode_core_message(self.output.recv())
-                if isinstance(message, Ready):
-                    return message
-                if isinstance(message, StartupFailed):
-                    raise EngineStartupError(f"engine failed to start: {message.error}")
-                continue
-            if self.proc is not None and self.proc.poll() is not None:
-                raise EngineStartupError(
-                    f"engine-core {describe_exit(self.proc.pid, self.proc.returncode)} before it was ready (see its log above)"
-                )
-            if time.monotonic() > next_log:
-                next_log += STARTUP_LOG_EVERY_S
-                logger.warning(
-                    "still waiting for %s (%.0f s so far; ZLLM_STARTUP_TIMEOUT=%.0f s)",
-                    what,
-                    time.monotonic() - start,
-                    STARTUP_TIMEOUT_S,
-                )
-        raise EngineStartupError(
-            f"gave up waiting for {what}: no Ready within {STARTUP_TIMEOUT_S:.0f} s "
-            "(ZLLM_STARTUP_TIMEOUT sets how long to wait)"
-        )
 
     # ---- requests (any thread) ---------------------------------------------------------------
 
@@ -264,12 +167,15 @@ class EngineClient:
             )
         stream = RequestStream() if stream is None else stream
         suffix = uuid.uuid4().hex[:8]
-        lives = [_Live(request_id, f"{cid}-{suffix}", state, stream) for cid, _, state in children]
+        entries = [
+            EngineRequest(request_id, f"{cid}-{suffix}", state, stream)
+            for cid, _, state in children
+        ]
         frames = [
             msgspec.Raw(
                 encode(
                     AddRequest(
-                        request_id=live.engine_id,
+                        request_id=entry.engine_id,
                         prompt_token_ids=request.prompt_token_ids,
                         arrival_time=state.metrics.arrival_time,
                         priority=request.priority,
@@ -277,31 +183,28 @@ class EngineClient:
                     )
                 )
             )
-            for live, (_, child_params, state) in zip(lives, children)
+            for entry, (_, child_params, state) in zip(entries, children)
         ]
-        with self.lock:  # checked under the lock: `_die` cannot slip in between
-            self._check_alive_locked()
-            if request_id in self.by_request_id:
-                raise ValueError(
-                    f"request id {request_id!r} is already in use by a running request"
-                )
-            self.by_request_id[request_id] = [live.engine_id for live in lives]
-            for live in lives:
-                self.requests[live.engine_id] = live
-        for frame in frames:
-            self._enqueue(frame)
+        limit = self.ready.max_frame_bytes - FRAME_OVERHEAD if self.ready else None
+        if limit is not None and len(frames[0]) > limit:
+            raise ValueError(
+                f"request {request_id!r} is {len(frames[0])} bytes encoded; engine-core reads "
+                f"frames of at most {limit} bytes (a shorter prompt fits)"
+            )
+        self.registry.add(entries, admit=self._admit)
+        for entry, frame in zip(entries, frames):
+            self._enqueue(frame, entry.engine_id)
         return stream
 
     def abort(self, request_ids: list[str]) -> None:
         """Stop requests in the engine; each stream gets a last output with finish_reason "abort"."""
-        with self.lock:
-            lives = [live for rid in request_ids for live in self._forget_request(rid)]
-            finish_aborted([(live.state, live.stream) for live in lives])
-        if lives and self.dead_error is None and not self._closed:
-            self._enqueue(AbortRequests(request_ids=[live.engine_id for live in lives]))
+        entries = [e for rid in request_ids for e in self.registry.forget_request(rid)]
+        output_delivery.finish_aborted(entries)
+        if entries and self.lifecycle.state is ClientState.RUNNING:
+            self._enqueue(AbortRequests(request_ids=[e.engine_id for e in entries]))
 
     def abort_soon(self, request_id: str) -> None:
-        """`abort` from a finalizer: never takes a lock (the GC may run while it is held);
+        """`abort` from a finalizer: never takes a lock (the GC may run while one is held);
         the I/O thread does the abort."""
         self._abandoned.append(request_id)
         self._wake()
@@ -309,39 +212,43 @@ class EngineClient:
     def call(self, method: str, *args: Any) -> concurrent.futures.Future:
         """Run a utility method in engine-core; the future resolves from the I/O thread."""
         future: concurrent.futures.Future = concurrent.futures.Future()
-        call_id = next(self.call_ids)
-        with self.lock:
-            try:
-                self._check_alive_locked()
-            except EngineDeadError as e:
-                future.set_exception(e)
-                return future
-            self.calls[call_id] = future
-        self._enqueue(UtilityCall(call_id=call_id, method=method, args=list(args)))
+        call_id = next(self._call_ids)
+        try:
+            self.registry.add_call(call_id, future, admit=self._admit)
+        except Exception as e:
+            future.set_exception(e)
+            return future
+        self._enqueue(UtilityCall(call_id=call_id, method=method, args=list(args)), call_id)
         return future
 
     def check_alive(self) -> None:
-        with self.lock:
-            self._check_alive_locked()
+        """Raise `EngineDeadError` unless the engine answers now."""
+        self.lifecycle.check()
+        if self.lifecycle.state is ClientState.RECONNECTING:
+            raise EngineDeadError(
+                f"not connected to engine-core at {self.conn.address} (reconnecting)"
+            )
 
-    def _check_alive_locked(self) -> None:
-        if self.dead_error is not None:
-            raise EngineDeadError(str(self.dead_error))
-        if self._closed:
-            raise EngineDeadError("the engine was shut down")
+    def _admit(self) -> None:
+        """Raise unless the client takes requests now (called under the registry's lock)."""
+        if not self.lifecycle.accepts_requests:
+            self.lifecycle.check()
 
-    def shutdown_soon(self) -> None:
-        """`shutdown` from a finalizer: the GC may run it on any thread, even the I/O thread
-        while it holds the lock, so the I/O thread does the shutdown."""
-        if self.io_thread is not None and self.io_thread.is_alive():
-            self._shutdown_requested = True
-            self._wake()
-        else:
-            self.shutdown()
-
-    def _enqueue(self, message: msgspec.Struct) -> None:
-        self.outgoing.put(message)
+    def _enqueue(self, message: msgspec.Struct | msgspec.Raw, key: Any = None) -> None:
+        self.outgoing.put((key, message))
         self._wake()
+
+    @contextlib.contextmanager
+    def holding(self) -> Iterator[None]:
+        """Queue requests without waking the I/O thread, then send them together."""
+        with self._held_lock:
+            self._held += 1
+        try:
+            yield
+        finally:
+            with self._held_lock:
+                self._held -= 1
+            self._wake()
 
     def _wake(self) -> None:
         if self._held:
@@ -354,77 +261,91 @@ class EngineClient:
     # ---- the I/O thread ------------------------------------------------------------------------
 
     def _io_loop(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self.output, zmq.POLLIN)
-        poller.register(self._wake_r, zmq.POLLIN)
-        if self._monitor is not None:
-            poller.register(self._monitor, zmq.POLLIN)
-        while not self._closed:
+        while not self.lifecycle.finished:
             try:
-                events = dict(poller.poll(POLL_MS))
+                events = self.conn.poll(POLL_MS, self._wake_r)
                 if self._wake_r.fileno() in events:
-                    try:
-                        while self._wake_r.recv(4096):
-                            pass
-                    except (BlockingIOError, OSError):
-                        pass
-                if self._shutdown_requested:
+                    self._drain_wakeups()
+                if self._owner_dropped:
                     self.shutdown()
                     return
                 while self._abandoned:
                     self.abort([self._abandoned.popleft()])
-                self._flush_outgoing()
-                if self.output in events:
-                    while self.output.poll(0):
-                        self._on_frame(self.output.recv())
-                if self._closed:
-                    return
-                if self.proc is not None and self.proc.poll() is not None:
-                    while self.output.poll(50):  # its last words (EngineDead with the cause)
-                        self._on_frame(self.output.recv())
-                    self._die(f"engine-core {describe_exit(self.proc.pid, self.proc.returncode)}")
-                    return
-                if self._monitor is not None and self._monitor in events:
-                    event = recv_monitor_message(self._monitor)
-                    if event["event"] == zmq.EVENT_DISCONNECTED:
-                        self._die(f"lost the connection to engine-core at {self.output_address}")
-                        return
+                if self.lifecycle.state is ClientState.RUNNING:
+                    self._flush_outgoing()
+                    self._heartbeat()
+                for frame in self.conn.received(events):
+                    self._on_frame(frame)
+                self._watch_link(events)
             except Exception as e:  # never leave callers waiting on a broken I/O thread
                 logger.exception("client I/O thread failed")
                 self._die(f"client I/O thread failed: {type(e).__name__}: {e}")
                 return
 
+    def _watch_link(self, events: dict) -> None:
+        """A spawned core's exit is death; a daemon's lost link means reconnecting."""
+        if self.lifecycle.finished:
+            return
+        if not self.conn.is_daemon:
+            cause = self.conn.core_exited()
+            if cause is not None:
+                for frame in self.conn.last_words():
+                    self._on_frame(frame)
+                self._die(cause)
+            return
+        for event in self.conn.link_events(events):
+            if event.kind == "lost":
+                self._connection_lost(event.error)
+            elif self.lifecycle.state is ClientState.RECONNECTING:
+                self._fail_waiting(f"{event.error}; the client reconnects when one answers")
+        if self.lifecycle.state is ClientState.RECONNECTING:  # nothing answered for too long
+            timeout = self.engine_args.heartbeat_timeout
+            self._fail_waiting(
+                f"engine-core at {self.conn.address} did not answer for {timeout:g} s "
+                "(heartbeat_timeout); the client keeps trying to reconnect",
+                submitted_before=time.monotonic() - timeout,
+            )
+
+    def _heartbeat(self) -> None:
+        """Tell a daemon we are alive when we have said nothing for a while."""
+        timeout = self.ready.client_timeout_s if self.ready is not None else None
+        if timeout and time.monotonic() - self.conn.last_sent >= min(1.0, timeout / 4):
+            self.conn.send(encode(Heartbeat()))
+
+    def _drain_wakeups(self) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
     def _flush_outgoing(self) -> None:
-        """Send what callers queued, in order; adjacent adds (already encoded by the threads
-        that submitted them) travel as one `AddRequests`."""
+        """Send what callers queued, in order, skipping requests and calls that ended before
+        they went out; adjacent adds (already encoded by the threads that submitted them)
+        travel as one `AddRequests`, split below engine-core's frame limit."""
+        limit = self.ready.max_frame_bytes - FRAME_OVERHEAD
         adds: list[msgspec.Raw] = []
+        size = 0
         while True:
             try:
-                message = self.outgoing.get_nowait()
+                key, message = self.outgoing.get_nowait()
             except queue.Empty:
-                message = None
+                key, message = None, None
+            if isinstance(message, msgspec.Raw) and self.registry.get(key) is None:
+                continue  # aborted or failed before it was sent
+            if isinstance(message, UtilityCall) and not self.registry.has_call(key):
+                continue
+            if adds and (not isinstance(message, msgspec.Raw) or size + len(message) > limit):
+                frame = adds[0] if len(adds) == 1 else encode(EncodedAddRequests(requests=adds))
+                self.conn.send(frame)
+                adds, size = [], 0
             if isinstance(message, msgspec.Raw):
                 adds.append(message)
-                continue
-            if adds:
-                frame = adds[0] if len(adds) == 1 else encode(EncodedAddRequests(requests=adds))
-                self.input.send(frame)
-                adds = []
-            if message is None:
+                size += len(message)
+            elif message is None:
                 return
-            self.input.send(encode(message))
-
-    @contextlib.contextmanager
-    def holding(self) -> Iterator[None]:
-        """Queue requests without waking the I/O thread, then send them together."""
-        with self.lock:
-            self._held += 1
-        try:
-            yield
-        finally:
-            with self.lock:
-                self._held -= 1
-            self._wake()
+            else:
+                self.conn.send(encode(message))
 
     def _on_frame(self, frame: bytes) -> None:
         try:
@@ -433,89 +354,84 @@ class EngineClient:
             logger.warning("dropping an undecodable frame from engine-core: %s", e)
             return
         if isinstance(message, StepOutputs):
-            self._on_outputs(message)
+            now = message.timestamp or time.time()
+            to_abort = output_delivery.deliver(self.registry, message.updates, now)
+            if to_abort:
+                self.conn.send(encode(AbortRequests(request_ids=to_abort)))
         elif isinstance(message, UtilityReply):
-            with self.lock:
-                future = self.calls.pop(message.call_id, None)
+            future = self.registry.pop_call(message.call_id)
             if future is not None and not future.done():
-                if message.error is not None:
-                    future.set_exception(RuntimeError(message.error))
-                else:
+                if message.error is None:
                     future.set_result(message.result)
+                elif message.error_kind == "permission":
+                    future.set_exception(PermissionError(message.error))
+                else:
+                    future.set_exception(RuntimeError(message.error))
         elif isinstance(message, FrameRejected):
             logger.error("engine-core could not read a frame from this client: %s", message.error)
         elif isinstance(message, EngineDead):
-            self._die(message.error)
+            if self.conn.is_daemon:
+                self._connection_lost(
+                    f"engine-core at {self.conn.address} stopped: {message.error}"
+                )
+            else:
+                self._die(message.error)
+        elif isinstance(message, Disconnected):
+            self._connection_lost(f"engine-core at {self.conn.address}: {message.error}")
+        elif isinstance(message, Ready):
+            self._reconnected(message)
+        elif isinstance(message, StartupFailed):
+            self._fail_waiting(
+                f"engine-core at {self.conn.address} failed to start: {message.error}"
+            )
 
-    def _on_outputs(self, message: StepOutputs) -> None:
-        to_abort: list[str] = []
-        now = message.timestamp or time.time()
-        with self.lock:  # `abort` from another thread must not interleave with an update
-            for update in message.updates:
-                live = self.requests.get(update.request_id)
-                if live is not None:  # else: aborted meanwhile
-                    to_abort += self._deliver(live, update, now)
-        if to_abort:
-            self.input.send(encode(AbortRequests(request_ids=to_abort)))
+    # ---- a daemon's link ---------------------------------------------------------------------
 
-    def _deliver(self, live: _Live, update: RequestUpdate, now: float) -> list[str]:
-        """Fold an update into its request and hand the output on; return engine ids to abort."""
-        if update.error is not None:  # refused by the engine: the whole request fails
-            siblings = self._forget_request(live.request_id)
-            error_type = EngineOverloadedError if update.error_kind == "overloaded" else ValueError
-            live.stream.put_final(error_type(update.error))
-            return [other.engine_id for other in siblings if other is not live]
-        try:
-            stopped_by_string = live.state.apply(update, now)
-            # A prompt-logprobs chunk alone (no token yet) shows nothing new to the caller.
-            moved = bool(update.new_token_ids) or live.state.finished
-            output = live.state.output() if moved else None
-        except Exception as e:  # one request's failure (detokenizing) ends that request only
-            logger.exception("could not process output of request %s", live.request_id)
-            live.stream.put_final(e)
-            return [other.engine_id for other in self._forget_request(live.request_id)]
-        if live.state.finished:
-            self._forget(live)
-        if output is not None:
-            try:
-                live.stream.put(output)
-            except ConsumerGone:  # its loop is closed: nobody will read it, stop it
-                gone = self._forget_request(live.request_id)
-                return [other.engine_id for other in gone if not other.state.finished]
-        return [live.engine_id] if stopped_by_string else []
+    def _connection_lost(self, cause: str) -> None:
+        """Fail what was in flight, open fresh sockets and wait for a daemon's Ready."""
+        if self.lifecycle.advance(ClientState.RECONNECTING):
+            logger.warning("%s: failing requests in flight; reconnecting", cause)
+            self._fail_waiting(f"{cause}; the client reconnects by itself for new requests")
+        elif self.lifecycle.state is not ClientState.RECONNECTING:
+            return
+        self.conn.open()
 
-    def _forget(self, live: _Live) -> None:
-        """Drop one engine request's bookkeeping (caller holds the lock)."""
-        self.requests.pop(live.engine_id, None)
-        siblings = self.by_request_id.get(live.request_id)
-        if siblings is not None and live.engine_id in siblings:
-            siblings.remove(live.engine_id)
-            if not siblings:
-                del self.by_request_id[live.request_id]
+    def _reconnected(self, ready: Ready) -> None:
+        if self.lifecycle.state is not ClientState.RECONNECTING:
+            return
+        old = self.ready
+        if (ready.model_files_digest, ready.model_config.max_model_len) != (
+            old.model_files_digest,
+            old.model_config.max_model_len,
+        ):
+            self._die(
+                f"engine-core at {self.conn.address} came back serving another model "
+                f"({ready.model_config.path}): start a new client for it"
+            )
+            return
+        self.ready = ready
+        if self.lifecycle.advance(ClientState.RUNNING):
+            logger.info("reconnected to engine-core at %s", self.conn.address)
 
-    def _forget_request(self, request_id: str) -> list[_Live]:
-        """Drop every engine request of a user request (caller holds the lock); return them."""
-        engine_ids = self.by_request_id.pop(request_id, [])
-        return [live for eid in engine_ids if (live := self.requests.pop(eid, None)) is not None]
-
-    def _die(self, cause: str, prefix: str = "the engine died: ") -> None:
-        message = prefix + cause
-        with self.lock:
-            if self.dead_error is not None:
-                return
-            self.dead_error = EngineDeadError(message)
-            entries = list(self.requests.values())
-            self.requests.clear()
-            self.by_request_id.clear()
-            calls = list(self.calls.values())
-            self.calls.clear()
-        if prefix:
-            logger.error("%s", message)
-        for live in entries:
-            live.stream.put_final(EngineDeadError(message))  # one instance each: own traceback
+    def _fail_waiting(self, message: str, submitted_before: float | None = None) -> None:
+        """Fail the requests and calls waiting for the engine (all, or those older than a time)."""
+        entries, calls = self.registry.pop_all(submitted_before)
+        output_delivery.fail(entries, message)
         for future in calls:
             if not future.done():
                 future.set_exception(EngineDeadError(message))
+
+    def _die(self, cause: str) -> None:
+        message = "the engine died: " + cause
+        if not self.lifecycle.advance(ClientState.DEAD, message):
+            return  # dead already, or shutting down
+        logger.error("%s", message)
+        self._fail_everything()
+
+    def _fail_everything(self) -> None:
+        """End every stream and pending call with the lifecycle's error. Runs after the state
+        stopped taking requests, so nothing registers behind it."""
+        self._fail_waiting(str(self.lifecycle.error))
 
     # ---- shutdown ------------------------------------------------------------------------------
 
@@ -525,65 +441,45 @@ class EngineClient:
         Idempotent; a call that finds another thread shutting down waits until it is done, so
         when any `shutdown()` returns (at exit, say) the engine's processes are gone.
         """
-        with self.lock:
-            first = not self._shutdown_started
-            self._shutdown_started = self._closed = True
-            if first:
-                self._shutdown_thread = threading.current_thread()
-        if not first:
-            if threading.current_thread() is not self._shutdown_thread:
-                self._shutdown_done.wait(timeout=30)
+        was = self.lifecycle.state
+        if not self.lifecycle.advance(ClientState.CLOSING):
+            if threading.current_thread() not in (self._closer, self.io_thread):
+                self.lifecycle.closed.wait(timeout=30)
             return
+        self._closer = threading.current_thread()
         try:
-            self._shutdown()
+            thread = self.io_thread
+            if thread is not None and thread.is_alive() and thread is not self._closer:
+                thread.join(timeout=2)
+            if self.conn.is_daemon and was in (ClientState.RUNNING, ClientState.RECONNECTING):
+                with contextlib.suppress(zmq.ZMQError):  # a daemon: drop our requests
+                    self.conn.send(encode(Goodbye()))
+            self._release(kill=False)
         finally:
-            self._shutdown_done.set()
+            _live_clients.discard(self)
 
-    def _shutdown(self) -> None:
-        thread = self.io_thread
-        if thread is not None and thread.is_alive() and threading.current_thread() is not thread:
-            thread.join(timeout=2)
-        if self.dead_error is None and self.proc is None and self.ready is not None:
-            try:  # a daemon: tell it to drop our requests
-                self.input.send(encode(Goodbye()))
-            except zmq.ZMQError:
-                pass
-        self._close_resources(kill=False)
-        self._die("the engine was shut down", prefix="")
-        _live_clients.discard(self)
+    def shutdown_soon(self) -> None:
+        """`shutdown` from a finalizer: the GC may run it on any thread, even the I/O thread
+        while it holds a lock, so the I/O thread does the shutdown."""
+        if self.io_thread is not None and self.io_thread.is_alive():
+            self._owner_dropped = True
+            self._wake()
+        else:
+            self.shutdown()
 
-    def _close_resources(self, kill: bool) -> None:
-        self._closed = True
-        if self._resources_closed:
-            return
-        self._resources_closed = True
-        if self.proc is not None and self.proc.poll() is None:
-            if kill:
-                self.proc.kill()
-            else:
-                self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self._monitor is not None:
-            try:
-                self.output.disable_monitor()
-            except zmq.ZMQError:
-                pass
-            self._monitor.close(0)
-            self._monitor = None
-        for name in ("input", "output"):
-            sock = getattr(self, name, None)
-            if sock is not None and not sock.closed:
-                sock.close(0)
-        self.ctx.term()
+    def _release(self, kill: bool) -> None:
+        """Close the connection (stopping a spawned core), fail what is left, end in CLOSED."""
+        try:
+            self.conn.close(kill=kill)
+            self._release_wakeup()
+        finally:
+            self.lifecycle.advance(ClientState.CLOSING)  # from STARTING, when start-up failed
+            self._fail_everything()
+            self.lifecycle.advance(ClientState.CLOSED)
+
+    def _release_wakeup(self) -> None:
         self._wake_r.close()
         self._wake_w.close()
-        if self.proc is not None:
-            remove_socket_file(self.input_address)
-            remove_socket_file(self.output_address)
 
 
 _live_clients: weakref.WeakSet[EngineClient] = weakref.WeakSet()
@@ -593,8 +489,8 @@ def wait_for_dropped_clients(timeout_s: float = 30.0) -> None:
     """Wait until every client whose owner was dropped (`shutdown_soon`) has stopped its engine."""
     deadline = time.monotonic() + timeout_s
     for client in list(_live_clients):
-        if client._shutdown_requested or client._shutdown_started:
-            client._shutdown_done.wait(max(0.0, deadline - time.monotonic()))
+        if client._owner_dropped or client.state is ClientState.CLOSING:
+            client.lifecycle.closed.wait(max(0.0, deadline - time.monotonic()))
 
 
 @atexit.register

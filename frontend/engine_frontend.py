@@ -12,10 +12,12 @@ import msgspec
 
 from zllm.frontend import engine_configs
 from zllm.frontend import model_config as user_config
+from zllm.frontend.client_state import ClientState
 from zllm.frontend.default_model import resolve_engine_args
 from zllm.frontend.engine_client import EngineClient
 from zllm.frontend.errors import EngineDeadError
 from zllm.frontend.input_processor import InputProcessor, ProcessedRequest, PromptType
+from zllm.frontend.model_files import local_model_files
 from zllm.frontend.stream import RequestStream
 from zllm.protocol.config import DEFAULT_MODEL_NAME, EngineArgs, ModelConfig
 from zllm.protocol.messages import Ready
@@ -47,8 +49,12 @@ class EngineFrontend:
             if not engine_args.skip_tokenizer_init and engine_args.model is not None:
                 tokenizer = _load_tokenizer(engine_args.tokenizer or engine_args.model, engine_args)
             ready = client.wait_ready()
-            if tokenizer is None and not engine_args.skip_tokenizer_init:  # a daemon's model
-                tokenizer = _load_tokenizer(ready.model_config.tokenizer, engine_args)
+            files = ready.model_config.path
+            if engine_args.engine_core_address and engine_args.model is None:
+                # A daemon's model: its files as it sent them, not its filesystem's paths.
+                files = str(local_model_files(client))
+                if not engine_args.skip_tokenizer_init:
+                    tokenizer = _load_tokenizer(files, engine_args)
         except BaseException:
             client.shutdown()
             raise
@@ -57,7 +63,7 @@ class EngineFrontend:
         if model_name is None:  # the default model, or a daemon's
             model_name = ready.engine_args.model if engine_args.engine_core_address else None
         self.model_config = user_config.ModelConfig(
-            ready.model_config, engine_args, model_name or DEFAULT_MODEL_NAME
+            ready.model_config, engine_args, model_name or DEFAULT_MODEL_NAME, files
         )
         self.processor = InputProcessor(self.tokenizer, ready)
         self._ids = itertools.count()
@@ -138,7 +144,7 @@ class EngineFrontend:
     def is_running(self) -> bool:
         """True until the engine dies or is shut down."""
         c = self._client
-        return c is not None and not c._closed and c.dead_error is None
+        return c is not None and c.state is ClientState.RUNNING
 
     @property
     def is_stopped(self) -> bool:

@@ -99,7 +99,7 @@ class LLMEngine:
         client = self._llm.client
         if client.dead_error is not None:
             self._kinds.clear()
-        for request_id in [r for r in self._kinds if r not in client.by_request_id]:
+        for request_id in [r for r in self._kinds if r not in client.registry]:
             del self._kinds[request_id]
 
     # ---- the LLM's views -------------------------------------------------------------------

@@ -26,11 +26,18 @@ GENERATION_DEFAULTS = ("repetition_penalty", "temperature", "top_k", "top_p", "m
 
 class ModelConfig:
     def __init__(
-        self, config: protocol_config.ModelConfig, engine_args: EngineArgs, model: str
+        self,
+        config: protocol_config.ModelConfig,
+        engine_args: EngineArgs,
+        model: str,
+        files: str | None = None,
     ) -> None:
         self._config = config
         self._args = engine_args
         self.model = model  # the name the user gave (a hub id, a path, the default's name)
+        # Where config.json and generation_config.json are on this machine: the checkpoint,
+        # or a daemon's files as it sent them (`frontend/model_files.py`).
+        self._files = files or config.path
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):
@@ -62,7 +69,7 @@ class ModelConfig:
         from transformers import AutoConfig
 
         return AutoConfig.from_pretrained(
-            self._config.path, trust_remote_code=self._args.trust_remote_code
+            self._files, trust_remote_code=self._args.trust_remote_code
         )
 
     @property
@@ -117,7 +124,7 @@ class ModelConfig:
         source = self._args.generation_config
         config: dict[str, Any] = {}
         if source != "vllm":
-            folder = Path(self._config.path if source == "auto" else source).expanduser()
+            folder = Path(self._files if source == "auto" else source).expanduser()
             file = folder / "generation_config.json"
             if file.is_file():
                 config = json.loads(file.read_text())

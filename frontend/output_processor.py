@@ -1,7 +1,7 @@
 """Turns the engine's per-step token updates into `RequestOutput`s, one request at a time.
 
-Runs in the client's I/O thread (and, for aborts, in the aborting thread: each state has
-a lock): detokenizes, applies stop strings (telling the caller which requests to abort
+Runs in the client's I/O thread (and, for aborts, in the aborting thread), under the
+state's own lock (`output_delivery.py`): detokenizes, applies stop strings (telling the caller which requests to abort
 in the engine), and shapes each output for its `output_kind`. Streamed text is always a
 prefix of the final text: text that may be the start of a stop string is held back until
 it is known not to be, so DELTA pieces concatenate to exactly the CUMULATIVE/FINAL text.
@@ -236,17 +236,3 @@ class RequestState:
                 metrics=self.metrics,
                 num_cached_tokens=self.num_cached_tokens,
             )
-
-
-def finish_aborted(entries: list[tuple[object, object]], now: float | None = None) -> None:
-    """Give each aborted request's stream its last output, `finish_reason="abort"` (as vLLM),
-    so a consumer waiting on it returns instead of hanging. `entries`: (state, stream)."""
-    now = now or time.time()
-    streams: dict[int, tuple[object, object]] = {}
-    for state, stream in entries:
-        state.abort(now)
-        streams[id(stream)] = (state, stream)
-    for state, stream in streams.values():
-        output = state.output()
-        if output is not None:
-            stream.put_final(output)

@@ -140,6 +140,7 @@ class ChildHandle:
         self.parent = parent
         self.state = state
         self.metrics = state.metrics
+        self.lock = parent.lock  # the children's outputs are the parent's: one lock for all
 
     @property
     def finished(self) -> bool:

@@ -34,7 +34,7 @@ class PoolingRequestState:
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = prompt_token_ids
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()  # held by the client around apply/output
         self.metrics = RequestMetrics(arrival_time=arrival_time or time.time())
         self.finish_reason: str | None = None
         self.pooled: bytes | None = None

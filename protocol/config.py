@@ -31,6 +31,14 @@ _TASK_RUNNER = {"auto": "auto", "generate": "generate", "embed": "pooling"}
 ENCODER_ARCHITECTURES = frozenset({"BertModel"})
 
 
+# EngineArgs fields that only a client of a `zllm engine-core` daemon uses, with defaults.
+DAEMON_CLIENT_OPTIONS: dict[str, Any] = {
+    "heartbeat_timeout": 30.0,
+    "curve_secret_key": None,
+    "curve_server_key": None,
+}
+
+
 class EngineArgs(msgspec.Struct, kw_only=True):
     """Every engine option, as keywords (vLLM's names)."""
 
@@ -56,6 +64,14 @@ class EngineArgs(msgspec.Struct, kw_only=True):
     engine_core_address: str | None = (
         None  # connect to a running `zllm engine-core` instead of spawning one
     )
+    # A daemon's client: how long the daemon may be silent (ZMTP heartbeats unanswered: a
+    # stopped or unreachable process) before in-flight requests fail and the client
+    # reconnects. A daemon that died, or refuses connections, fails them at once.
+    heartbeat_timeout: float = 30.0
+    # A daemon's client over CurveZMQ: this client's secret key file and the daemon's public
+    # key file (`zllm keys generate`).
+    curve_secret_key: str | None = None
+    curve_server_key: str | None = None
     disable_log_stats: bool = True  # False: `AsyncLLM.do_log_stats()` logs a line of stats
     skip_tokenizer_init: bool = False
     # Bounds: what one request, or many, may cost the engine.
@@ -123,6 +139,19 @@ class EngineArgs(msgspec.Struct, kw_only=True):
                 f"scheduling_policy must be one of {SCHEDULING_POLICIES}, "
                 f"got {self.scheduling_policy!r}"
             )
+        if not self.heartbeat_timeout > 0:
+            raise ValueError(f"heartbeat_timeout must be > 0 seconds, got {self.heartbeat_timeout}")
+        if (self.curve_secret_key is None) != (self.curve_server_key is None):
+            raise ValueError(
+                "curve_secret_key and curve_server_key go together (this client's secret key "
+                "file and the daemon's public key file)"
+            )
+        if self.engine_core_address is None:
+            for name, default in DAEMON_CLIENT_OPTIONS.items():
+                if getattr(self, name) != default:
+                    raise ValueError(
+                        f"{name} is an option of a daemon's client: it needs engine_core_address"
+                    )
         if not self.step_timeout > 0:
             raise ValueError(f"step_timeout must be > 0 seconds, got {self.step_timeout}")
         if self.load_format not in LOAD_FORMATS:

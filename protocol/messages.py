@@ -18,7 +18,11 @@ from zllm.protocol.config import EngineArgs, ModelConfig
 from zllm.protocol.pooling_params import PoolingParams
 from zllm.protocol.sampling_params import SamplingParams
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
+
+# The largest frame engine-core reads; larger ones are refused unread (and ZeroMQ drops a
+# connection that sends more than twice this). Clients split their batches below it.
+MAX_FRAME_BYTES = 64 * 2**20
 
 _STRUCT = dict(tag=True, kw_only=True, omit_defaults=True, array_like=False)
 
@@ -74,7 +78,14 @@ class Goodbye(msgspec.Struct, **_STRUCT):
     """The client is leaving: abort whatever it still has running."""
 
 
-ClientMessage = Union[Hello, AddRequest, AddRequests, AbortRequests, UtilityCall, Goodbye]
+class Heartbeat(msgspec.Struct, **_STRUCT):
+    """The client is alive (sent when it has sent nothing else for a while: see
+    `Ready.client_timeout_s`)."""
+
+
+ClientMessage = Union[
+    Hello, AddRequest, AddRequests, AbortRequests, UtilityCall, Goodbye, Heartbeat
+]
 
 
 # ---- engine-core -> frontend (output socket) ------------------------------------------
@@ -89,6 +100,13 @@ class Ready(msgspec.Struct, **_STRUCT):
     num_kv_blocks: int
     max_num_batched_tokens: int
     core_pid: int
+    # A daemon forgets a client silent for this long (None: never): send at least a
+    # `Heartbeat` every quarter of it.
+    client_timeout_s: float | None = None
+    # sha256 of the tokenizer and config files (`protocol/model_files.py`); a client without
+    # the daemon's filesystem fetches them with the utility call "get_model_files".
+    model_files_digest: str = ""
+    max_frame_bytes: int = MAX_FRAME_BYTES
 
 
 class StartupFailed(msgspec.Struct, **_STRUCT):
@@ -115,8 +133,10 @@ class RequestUpdate(msgspec.Struct, kw_only=True, omit_defaults=True, array_like
     new_logprobs: Logprobs | None = None
     prompt_logprobs: Logprobs | None = None
     num_cached_tokens: int = 0
-    error: str | None = None  # the engine refused the request (finish_reason "error")
-    error_kind: str | None = None  # with `error`: "invalid" (the request) or "overloaded" (retry)
+    error: str | None = None  # the request failed: refused, or aborted by a shutdown
+    # with `error`: "invalid" (the request), "overloaded" (retry), "shutdown" (engine-core is
+    # stopping: not admitted, or not finished within its drain time)
+    error_kind: str | None = None
     pooled: bytes | None = None  # a pooling request's vector: float32, little-endian
     queue_time: float | None = None  # seconds from arrival in the engine to first scheduled (once)
 
@@ -146,6 +166,7 @@ class SchedulerStats(msgspec.Struct, kw_only=True, array_like=True):
     num_prefill_tokens: int = 0  # cumulative tokens run through the model for prompts
     num_steps: int = 0  # cumulative
     num_rejected_frames: int = 0  # cumulative: client frames that did not decode
+    num_clients: int = 0  # connected clients (a daemon's)
 
 
 class StepOutputs(msgspec.Struct, **_STRUCT):
@@ -158,6 +179,7 @@ class UtilityReply(msgspec.Struct, **_STRUCT):
     call_id: int
     result: Any = None
     error: str | None = None
+    error_kind: str | None = None  # with `error`: "permission" (the caller lacks the admin role)
 
 
 class FrameRejected(msgspec.Struct, **_STRUCT):
@@ -167,12 +189,22 @@ class FrameRejected(msgspec.Struct, **_STRUCT):
 
 
 class EngineDead(msgspec.Struct, **_STRUCT):
-    """The engine is going down for good; every waiting request fails with `error`."""
+    """The engine is going down; every waiting request fails with `error`. (A daemon's
+    clients then wait for it, or its successor, to come back.)"""
 
     error: str
 
 
-CoreMessage = Union[Ready, StartupFailed, StepOutputs, UtilityReply, FrameRejected, EngineDead]
+class Disconnected(msgspec.Struct, **_STRUCT):
+    """engine-core does not know this client (it never said Hello, or was silent for longer
+    than the client timeout and was forgotten, its requests aborted): say Hello again."""
+
+    error: str
+
+
+CoreMessage = Union[
+    Ready, StartupFailed, StepOutputs, UtilityReply, FrameRejected, EngineDead, Disconnected
+]
 
 
 _local = threading.local()  # msgspec encoders keep a buffer: one per thread
@@ -191,8 +223,23 @@ def encode(message: msgspec.Struct) -> bytes:
 
 
 def decode_client_message(frame: bytes) -> ClientMessage:
-    return _codec("client", lambda: msgspec.msgpack.Decoder(ClientMessage)).decode(frame)
+    return _decode(_codec("client", lambda: msgspec.msgpack.Decoder(ClientMessage)), frame)
 
 
 def decode_core_message(frame: bytes) -> CoreMessage:
-    return _codec("core", lambda: msgspec.msgpack.Decoder(CoreMessage)).decode(frame)
+    return _decode(_codec("core", lambda: msgspec.msgpack.Decoder(CoreMessage)), frame)
+
+
+def decode_untyped(frame: bytes) -> Any:
+    """Plain msgpack, for reading what a frame that failed its typed decode names."""
+    return _decode(_codec("untyped", msgspec.msgpack.Decoder), frame)
+
+
+def _decode(decoder: msgspec.msgpack.Decoder, frame: bytes) -> Any:
+    """Every way a frame can fail to decode is a `msgspec.DecodeError` or `ValidationError`:
+    msgspec lets invalid UTF-8 in a tag escape as `UnicodeDecodeError`, which would end
+    the socket thread that read it."""
+    try:
+        return decoder.decode(frame)
+    except UnicodeDecodeError as e:
+        raise msgspec.DecodeError(f"invalid UTF-8 in a string: {e}") from None

@@ -73,30 +73,38 @@ def private_ipc_address(role: str) -> tuple[str, str]:
     return f"ipc://{directory}/{role}-{uuid.uuid4().hex[:8]}.sock", directory
 
 
-_owned_socket_files: set[str] = set()  # ipc paths this process removes on any exit
+# ipc paths this process removes on any exit -> whether their directory goes too
+_owned_socket_files: dict[str, bool] = {}
 
 
-def restrict_socket_file(address: str) -> None:
-    """chmod 0600 the file behind an `ipc://` address we just bound, and remember to remove it."""
+def restrict_socket_file(
+    address: str, mode: int = 0o600, gid: int | None = None, private_dir: bool = True
+) -> None:
+    """chmod the file behind an `ipc://` address we just bound (0600: ours alone; a daemon may
+    share it with a group), and remember to remove it (`remove_socket_file`)."""
     if address.startswith("ipc://"):
         path = address[len("ipc://") :]
         if os.path.exists(path):
-            os.chmod(path, 0o600)
-            remove_at_exit(address)
+            if gid is not None:
+                os.chown(path, -1, gid)
+            os.chmod(path, mode)
+            remove_at_exit(address, private_dir)
 
 
-def remove_at_exit(address: str) -> None:
+def remove_at_exit(address: str, private_dir: bool = True) -> None:
     """Remove this socket file when we exit, however we exit (but SIGKILL): for the files we
     bound, and for our parent's private ones, which it cannot remove if it is SIGKILLed."""
-    _owned_socket_files.add(address)
+    _owned_socket_files[address] = private_dir
 
 
-def remove_socket_file(address: str) -> None:
-    """Remove an `ipc://` socket file and its directory if that is now empty."""
-    _owned_socket_files.discard(address)
+def remove_socket_file(address: str, private_dir: bool = True) -> None:
+    """Remove an `ipc://` socket file, and its directory if that is private (made by
+    `private_ipc_address`) and now empty. A daemon's socket lives in a directory its operator
+    chose, which must still be there for the next daemon to bind."""
+    _owned_socket_files.pop(address, None)
     if address.startswith("ipc://"):
         path = address[len("ipc://") :]
-        for p in (path, os.path.dirname(path)):
+        for p in (path, os.path.dirname(path)) if private_dir else (path,):
             try:
                 os.remove(p) if p == path else os.rmdir(p)
             except OSError:
@@ -104,8 +112,8 @@ def remove_socket_file(address: str) -> None:
 
 
 def remove_owned_socket_files() -> None:
-    for address in list(_owned_socket_files):
-        remove_socket_file(address)
+    for address, private_dir in list(_owned_socket_files.items()):
+        remove_socket_file(address, private_dir)
 
 
 atexit.register(remove_owned_socket_files)

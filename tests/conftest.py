@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,6 +17,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Before torch loads: OpenMP busy-waiting makes the engines' processes and this one starve
 # each other on a 2-core machine.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# A daemon's clients keep its tokenizer and config files here (frontend/model_files.py), not
+# in the model cache.
+if "ZLLM_ENGINE_FILES" not in os.environ:
+    os.environ["ZLLM_ENGINE_FILES"] = tempfile.mkdtemp(prefix="zllm-test-engine-files-")
+    atexit.register(shutil.rmtree, os.environ["ZLLM_ENGINE_FILES"], True)
 
 TINY_SHAPES = {
     "llama": dict(

@@ -23,6 +23,9 @@ from zllm import (
     SamplingParams,
 )
 from zllm.frontend.cli import build_parser, engine_args_from
+from zllm.protocol.config import DAEMON_CLIENT_OPTIONS
+
+CLIENT_ONLY = {"engine_core_address", *DAEMON_CLIENT_OPTIONS}
 
 PROMPTS = [
     "The capital of France is",
@@ -234,10 +237,18 @@ def _option_argv(field: msgspec.structs.FieldInfo) -> list[str]:
 def test_cli_has_an_option_for_every_engine_arg(command: list[str]) -> None:
     parser = build_parser()
     for field in msgspec.structs.fields(EngineArgs):
-        if command[0] == "engine-core" and field.name == "engine_core_address":
-            continue  # that is --address there
+        if command[0] == "engine-core" and field.name in CLIENT_ONLY:
+            continue  # a daemon's client's options (engine_core_address is --address there)
         ns = parser.parse_args(command + _option_argv(field))
         assert hasattr(ns, field.name), field.name
+
+
+def test_engine_core_takes_its_model_once(capsys) -> None:
+    from zllm.frontend.cli import main
+
+    argv = ["engine-core", "/models/a", "--model", "/models/b", "--address", "ipc:///tmp/x"]
+    assert main(argv) == 1
+    assert "two models: '/models/a' and --model '/models/b'" in capsys.readouterr().err
 
 
 def test_cli_options_become_engine_args() -> None:

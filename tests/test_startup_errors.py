@@ -15,7 +15,7 @@ import zmq
 from scripts.scenario_process import ScenarioProcess
 
 from zllm import AsyncLLM, EngineArgs, SamplingParams
-from zllm.frontend import engine_client
+from zllm.frontend import core_connection
 from zllm.frontend.errors import EngineStartupError
 
 
@@ -90,7 +90,7 @@ def test_a_second_daemon_on_a_live_socket_refuses_to_start(tiny_checkpoints, tmp
 
 @pytest.mark.timeout(60)
 def test_a_client_pointed_at_no_daemon_fails_fast(tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr(engine_client, "CONNECT_GRACE_S", 1.0)
+    monkeypatch.setattr(core_connection, "CONNECT_GRACE_S", 1.0)
     stale = tmp_path / "stale.out"
     with socket.socket(socket.AF_UNIX) as s:  # bound, never listening: refuses connections
         s.bind(str(stale))
@@ -113,7 +113,7 @@ def test_a_silent_daemon_times_out_naming_the_setting(tmp_path, monkeypatch) -> 
     silent = [ctx.socket(zmq.ROUTER) for _ in range(2)]
     for sock, suffix in zip(silent, ("in", "out")):
         sock.bind(f"ipc://{tmp_path}/silent.{suffix}")
-    monkeypatch.setattr(engine_client, "STARTUP_TIMEOUT_S", 1.5)
+    monkeypatch.setattr(core_connection, "STARTUP_TIMEOUT_S", 1.5)
     try:
         with pytest.raises(EngineStartupError, match="no Ready within 2 s .*ZLLM_STARTUP_TIMEOUT"):
             AsyncLLM(EngineArgs(engine_core_address=f"ipc://{tmp_path}/silent"))

@@ -61,7 +61,7 @@ def sync_cycle(model: str) -> tuple[list[int], str, int]:
         raise AssertionError("generate worked after shutdown")
     except EngineDeadError:
         pass
-    return tokens, client._ipc_dir, client.proc.pid
+    return tokens, client.conn.ipc_dir, client.proc.pid
 
 
 def del_cycle(model: str) -> tuple[list[int], str, int]:
@@ -72,7 +72,7 @@ def del_cycle(model: str) -> tuple[list[int], str, int]:
     del llm
     client.proc.wait(timeout=10)
     client.io_thread.join(timeout=10)
-    return tokens, client._ipc_dir, client.proc.pid
+    return tokens, client.conn.ipc_dir, client.proc.pid
 
 
 def async_cycle(model: str) -> tuple[list[int], str, int]:
@@ -84,7 +84,7 @@ def async_cycle(model: str) -> tuple[list[int], str, int]:
             client = engine.client
         engine.shutdown()
         assert not engine.is_running and engine.errored
-        return final.outputs[0].token_ids, client._ipc_dir, client.proc.pid
+        return final.outputs[0].token_ids, client.conn.ipc_dir, client.proc.pid
 
     return asyncio.run(main())
 
@@ -108,7 +108,7 @@ def leave_without_shutdown(model: str) -> dict:
     llm.generate(["Hello there"], GREEDY)
     LEFT_AT_EXIT["core"] = llm.client.proc.pid
     LEFT_AT_EXIT["llm"] = llm  # alive until exit: only the exit hook can stop it
-    return {"core": llm.client.proc.pid, "ipc_dir": llm.client._ipc_dir}
+    return {"core": llm.client.proc.pid, "ipc_dir": llm.client.conn.ipc_dir}
 
 
 if __name__ == "__main__":
