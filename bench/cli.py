@@ -133,17 +133,22 @@ def _header(ns: argparse.Namespace, source) -> dict:
 
 
 def _commit() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=Path(__file__).parent,
-            capture_output=True,
-            text=True,
-            timeout=5,
-        )
-    except OSError:
-        return None
-    return out.stdout.strip() or None
+    """The checkout's commit: the package's own, else the working directory's (a copy
+    installed elsewhere, as on a GPU machine, is run from its checkout)."""
+    for where in (Path(__file__).parent, Path.cwd()):
+        try:
+            out = subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"],
+                cwd=where,
+                capture_output=True,
+                text=True,
+                timeout=5,
+            )
+        except OSError:
+            continue
+        if out.stdout.strip():
+            return out.stdout.strip()
+    return None
 
 
 def _print(doc: dict, as_json: bool, columns: list[str]) -> None:
@@ -204,7 +209,7 @@ def cmd_latency(ns: argparse.Namespace) -> int:
 
 
 def cmd_profile(ns: argparse.Namespace) -> int:
-    from zllm.bench import profile
+    from zllm.bench import step_profile as profile
 
     source = _source(ns)
     result = profile.run(source, ns.batch, ns.context_len, ns.steps, _engine_kwargs(ns))

@@ -9,11 +9,13 @@
 # Stages:
 #   tests    the kernel tests natively on CUDA (tests/test_triton_kernels.py: attention vs
 #            the torch path, bf16/fp16/fp32, GQA 1/4/7/8, holes, prefix hits, chunked
-#            prefill, split decode; fused layers) and a whole model, torch path vs Triton
-#            path, token for token in float32 (tests/test_triton_model.py)
+#            prefill, split decode; fused layers), a whole model, torch path vs Triton
+#            path, token for token in float32 (tests/test_triton_model.py), and CUDA graphs
+#            vs eager, token for token (tests/test_cuda_graphs.py)
 #   parity   float32 greedy parity with transformers on CUDA (bench/gpu_parity.py), Triton
 #            path (the CUDA default), then the torch path
-#   latency  Llama-3.1-8B, batch 1, 128 in / 512 out (bar: >= 160 output tok/s)
+#   latency  Llama-3.1-8B, batch 1, 128 in / 512 out (bar: >= 160 output tok/s), with CUDA
+#            graphs and without (--enforce-eager)
 #   8b       Llama-3.1-8B, 1000 prompts x 256 in / 256 out (bar: >= 22,700 total tok/s)
 #   qwen     Qwen2.5-0.5B, 256 prompts, 64-512 in / 256 out, with transformers generate and
 #            generate_batch in the same run (bar: >= 20x generate_batch)
@@ -28,7 +30,7 @@
 #   tp       (2 GPUs) Llama-3.1-8B shape: greedy first tokens TP=2 == TP=1 in float32 and
 #            killing a rank (tests/test_tensor_parallel.py, tests/test_faults.py on NCCL); bs1
 #            decode TP=1 vs TP=2 (bar: TP=2 >= 1.3x faster); 1000 x 256/256 at TP=1 and TP=2
-# Every figure is a JSON line in $OUT/<stage>.jsonl, the full output in $OUT/<stage>.log.
+# Every figure is a JSON line in $OUT/results.jsonl, the full output in $OUT/<stage>.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-check-logs}
@@ -44,28 +46,31 @@ ZLLM=(python3 -m zllm.frontend.cli)
 stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=(tests parity latency 8b qwen profile boundary busy)
 
-run() {  # run STAGE CMD...: output to $OUT/STAGE.log, JSON lines to $OUT/STAGE.jsonl
+run() {  # run STAGE CMD...: output to $OUT/STAGE.log, JSON lines to $OUT/results.jsonl
     local stage=$1; shift
     echo "== $stage: $*" | tee -a "$OUT/$stage.log"
-    "$@" 2>&1 | tee -a "$OUT/$stage.log" | grep '^{' >> "$OUT/$stage.jsonl"
+    "$@" 2>&1 | tee -a "$OUT/$stage.log" | grep '^{' >> "$OUT/results.jsonl"
     echo "== $stage exit ${PIPESTATUS[0]}" | tee -a "$OUT/$stage.log"
 }
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; git log -1 --oneline; \
   python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"; \
-} > "$OUT/env.txt" 2>&1
+} > "$OUT/env.log" 2>&1
 
 for stage in "${stages[@]}"; do
     case $stage in
     tests)
         run tests python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py \
-            tests/test_triton_model.py tests/test_dummy_weights.py ;;
+            tests/test_triton_model.py tests/test_dummy_weights.py tests/test_cuda_graphs.py ;;
     parity)
         run parity python3 bench/gpu_parity.py
         ZLLM_ATTENTION_BACKEND=torch run parity python3 bench/gpu_parity.py ;;
     latency)
-        run latency "${ZLLM[@]}" bench latency --shape llama-3.1-8b --batch-sizes 1 \
-            --input-len 128 --output-len 512 --json ;;
+        for opts in "" "--enforce-eager"; do
+            # shellcheck disable=SC2086
+            run latency "${ZLLM[@]}" bench latency --shape llama-3.1-8b --batch-sizes 1 \
+                --input-len 128 --output-len 512 --json $opts
+        done ;;
     8b)
         run 8b "${ZLLM[@]}" bench throughput --shape llama-3.1-8b --num-prompts 1000 \
             --input-len 256 --output-len 256 --json ;;

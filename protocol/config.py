@@ -57,8 +57,8 @@ class EngineArgs(msgspec.Struct, kw_only=True):
     gpu_memory_utilization: float = 0.9
     tensor_parallel_size: int = 1
     distributed_executor_backend: str = "mp"  # "mp": one worker process per rank; "uni": in-process
-    # Eager is the only mode (no CUDA graphs yet): True, as vLLM users pass it; False is refused.
-    enforce_eager: bool = True
+    # False: decode steps on CUDA replay CUDA graphs captured at start-up (worker/cuda_graphs.py)
+    enforce_eager: bool = False
     load_format: str = "auto"  # "auto"/"safetensors": the checkpoint; "dummy": random weights
     trust_remote_code: bool = False  # passed to transformers: the tokenizer, `hf_config`
     engine_core_address: str | None = (
@@ -96,7 +96,9 @@ class EngineArgs(msgspec.Struct, kw_only=True):
     enable_sleep_mode: bool = False  # sleep mode is always available in zllm
     quantization: str | None = None  # unquantized checkpoints only
     kv_cache_dtype: str = "auto"  # the model's dtype only
-    compilation_config: int | dict[str, Any] | None = None  # eager only: None, 0 or {}
+    # No torch.compile: None, 0, {"level": 0}; {"cudagraph_capture_sizes": [1, 2, 4]} chooses
+    # the decode batch sizes captured in CUDA graphs.
+    compilation_config: int | dict[str, Any] | None = None
     pipeline_parallel_size: int = 1
     data_parallel_size: int = 1
     cpu_offload_gb: float = 0

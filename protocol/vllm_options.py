@@ -59,17 +59,13 @@ def check_vllm_options(args: Any) -> None:
             args.kv_cache_dtype,
             "not yet; the KV cache has the model's dtype ('auto')",
         )
-    if args.enforce_eager is not True:
-        raise unsupported(
-            "enforce_eager",
-            args.enforce_eager,
-            "the model always runs eagerly (no CUDA graphs yet); leave it True",
-        )
-    if not _eager(args.compilation_config):
+    if not isinstance(args.enforce_eager, bool):
+        raise ValueError(f"enforce_eager must be True or False, got {args.enforce_eager!r}")
+    if not _no_compile(args.compilation_config):
         raise unsupported(
             "compilation_config",
             args.compilation_config,
-            "the model runs eagerly (no torch.compile, no CUDA graphs); use None, 0 or {}",
+            "no torch.compile: use None, 0, or a dict of level/mode 0 and cudagraph_capture_sizes",
         )
     for option, feature in (
         ("pipeline_parallel_size", "use tensor_parallel_size to split a model"),
@@ -106,12 +102,18 @@ def _check_dtype(args: Any) -> None:
     args.dtype = dtype
 
 
-def _eager(compilation_config: Any) -> bool:
-    """True for the settings that mean "no compilation": None, level/mode 0, an empty dict."""
+def _no_compile(compilation_config: Any) -> bool:
+    """True for the settings that ask for no torch.compile: None, level/mode 0, a dict of
+    those and `cudagraph_capture_sizes` (the decode batch sizes captured in CUDA graphs,
+    checked by the worker against max_num_seqs)."""
     if compilation_config is None or compilation_config == 0:
         return True
     if isinstance(compilation_config, dict):
-        return all(k in ("level", "mode") and v == 0 for k, v in compilation_config.items())
+        return all(
+            (k in ("level", "mode") and v == 0)
+            or (k == "cudagraph_capture_sizes" and isinstance(v, list))
+            for k, v in compilation_config.items()
+        )
     return False
 
 

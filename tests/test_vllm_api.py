@@ -366,9 +366,12 @@ def test_engine_args_normalise_vllm_spellings() -> None:
         EngineArgs(swap_space=-1)
     with pytest.raises(ValueError, match="dtype"):
         EngineArgs(dtype="float8")
-    assert EngineArgs(enforce_eager=True).enforce_eager  # eager is the only mode
-    with pytest.raises(NotImplementedError, match="enforce_eager=False"):
-        EngineArgs(enforce_eager=False)
+    assert EngineArgs(enforce_eager=True).enforce_eager
+    assert not EngineArgs().enforce_eager  # vLLM's default: CUDA graphs where there are some
+    sizes = {"cudagraph_capture_sizes": [1, 2, 4]}
+    assert EngineArgs(compilation_config=sizes).compilation_config == sizes
+    with pytest.raises(NotImplementedError, match="compilation_config"):
+        EngineArgs(compilation_config={"level": 3})
     args = EngineArgs(revision="v2", enable_sleep_mode=True)
     assert msgspec.json.decode(msgspec.json.encode(args), type=EngineArgs) == args
 

@@ -18,6 +18,7 @@ from zllm.protocol.config import ModelConfig
 from zllm.protocol.messages import Logprobs
 from zllm.protocol.worker_messages import ExecuteModel, ModelOutput, NewRequest, WorkerSlot
 from zllm.worker import transfer
+from zllm.worker.cuda_graphs import DecodeGraphs
 from zllm.worker.input_batch import InputBatch, SlotState, StepInputs
 from zllm.worker.layers.attention import AttentionBackend, TorchAttentionBackend
 from zllm.worker.layers.linear import tp_rank, tp_size
@@ -61,6 +62,22 @@ class ModelRunner:
         self.batch = InputBatch(max_num_seqs, config.max_model_len, block_size)
         self.pooler = Pooler(config.pooler_config, device) if config.pooler_config else None
         self.samples = tp_rank() == 0  # the other ranks get the sampled ids from rank 0
+        self.graphs: DecodeGraphs | None = None  # set by `use_cuda_graphs`
+
+    def use_cuda_graphs(self, sizes: list[int]) -> None:
+        """Replay decode steps of up to `max(sizes)` requests from CUDA graphs (captured by
+        `capture_graphs` once the KV cache exists)."""
+        from zllm.worker.layers.triton_attention import TritonAttentionBackend
+
+        if not isinstance(self.attn_backend, TritonAttentionBackend):
+            raise ValueError("CUDA graphs need the Triton attention backend")
+        self.graphs = DecodeGraphs(self.attn_backend, self.device, sizes)
+
+    def capture_graphs(self, sizes: list[int] | None = None) -> float:
+        """Capture the decode graphs over the current weights and KV cache; return seconds."""
+        assert self.graphs is not None and self.kv_caches
+        self.graphs.drop()
+        return self.graphs.capture(self.model, self.kv_caches, sizes)
 
     # ---- KV cache ------------------------------------------------------------------------------
 
@@ -81,6 +98,8 @@ class ModelRunner:
         ]
 
     def free_kv_cache(self) -> None:
+        if self.graphs is not None:
+            self.graphs.drop()  # they point into the cache
         self.kv_caches = []
 
     # ---- one step --------------------------------------------------------------------------------
@@ -100,14 +119,22 @@ class ModelRunner:
 
         # Host->device copies are queued without waiting; device->host copies are queued
         # too, and complete when the sampled ids reach the host: one wait per step.
-        meta = self.attn_backend.build_metadata(inputs)
-        ids_t = transfer.to_device(inputs.input_ids, torch.long, self.device)
-        pos_t = transfer.to_device(inputs.positions, torch.long, self.device)
-        last_rows = inputs.query_start[sample_index + 1] - 1
-        sample_t = transfer.to_device(last_rows, torch.long, self.device)
+        graph_size = self.graphs.size_for(inputs) if self.graphs is not None else None
+        if pooling.any() or prompt_rows:
+            graph_size = None
+        every_row_samples = len(sample_index) == len(inputs.input_ids)  # decodes
+        if not every_row_samples:
+            last_rows = inputs.query_start[sample_index + 1] - 1
+            sample_t = transfer.to_device(last_rows, torch.long, self.device)
         for rows in prompt_rows:
             rows.targets_t = transfer.to_device(rows.targets, torch.long, self.device)
-        hidden = self.model(ids_t, pos_t, self.kv_caches, meta)
+        if graph_size is not None:
+            hidden = self.graphs.replay(inputs, graph_size)
+        else:
+            meta = self.attn_backend.build_metadata(inputs)
+            ids_t = transfer.to_device(inputs.input_ids, torch.long, self.device)
+            pos_t = transfer.to_device(inputs.positions, torch.long, self.device)
+            hidden = self.model(ids_t, pos_t, self.kv_caches, meta)
         prompt_parts = {rows.slot: self._prompt_logprobs(hidden, rows) for rows in prompt_rows}
         pooled = {}
         if pooling.any() and self.samples:
@@ -116,7 +143,8 @@ class ModelRunner:
         logprobs: list[Logprobs | None] = []
         if len(sample_index):
             slots = inputs.slots[sample_index]
-            logits = self.model.logits(hidden[sample_t])  # None on ranks other than 0
+            sample_rows = hidden if every_row_samples else hidden[sample_t]
+            logits = self.model.logits(sample_rows)  # None on ranks other than 0
             token_ids, gathered = self._sample(logits, slots)
             sampled = token_ids.tolist()  # the step's wait for the device
             self.batch.append_tokens(slots, np.asarray(sampled, np.int64))

@@ -106,11 +106,36 @@ class Worker:
             attn_backend,
             engine_args.max_num_seqs,
         )
+        self.graph_sizes = self._cuda_graph_sizes()
+        if self.graph_sizes:
+            self.runner.use_cuda_graphs(self.graph_sizes)
+        self.graph_reserve = 0  # device bytes the graphs' memory pool takes (measured)
         self.num_kv_blocks = 0
         self.weights_where = "device"  # "device" | "host" (level-1 sleep) | "dropped" (level 2)
         self.host_weights: dict[str, torch.Tensor] | None = None
         self.kv_asleep = False
         self.profiler = WorkerProfiler(rank, self.device)
+
+    def _cuda_graph_sizes(self) -> list[int]:
+        """The decode batch sizes to capture (none: every step runs eagerly), and why not."""
+        args = self.engine_args
+        why_not = None
+        if args.enforce_eager:
+            why_not = "enforce_eager=True"
+        elif self.device.type != "cuda":
+            why_not = f"not on CUDA ({self.device.type})"
+        elif self.kernels != "triton":
+            why_not = f"the {self.kernels} attention backend"
+        elif not self.model.uses_kv_cache:
+            why_not = "an encoder (no decode steps)"
+        if why_not is not None:
+            if self.device.type == "cuda" and self.rank == 0:
+                logger.info("CUDA graphs off: %s", why_not)
+            return []
+        from zllm.worker.cuda_graphs import capture_sizes
+
+        asked = (args.compilation_config or {}).get("cudagraph_capture_sizes")
+        return capture_sizes(args.max_num_seqs, asked)
 
     def _load_model(self, progress: bool) -> torch.nn.Module:
         return load_model(
@@ -156,7 +181,8 @@ class Worker:
         free, total = torch.cuda.mem_get_info()
         used_by_others = total - free - torch.cuda.memory_reserved()
         peak = torch.cuda.max_memory_allocated()
-        return int(total * self.engine_args.gpu_memory_utilization - used_by_others - peak)
+        budget = total * self.engine_args.gpu_memory_utilization - used_by_others - peak
+        return int(budget - self.graph_reserve)
 
     def _profile_run(self) -> None:
         """A forward pass at the largest step size, to measure peak activation memory."""
@@ -180,6 +206,10 @@ class Worker:
         )
         self.runner.execute(ExecuteModel(finished_slots=[0]))
         torch.cuda.synchronize()
+        if self.graph_sizes:  # the largest graph's memory pool, which all the graphs share
+            before = torch.cuda.memory_reserved()
+            self.runner.capture_graphs([max(self.graph_sizes)])
+            self.graph_reserve = int(1.25 * (torch.cuda.memory_reserved() - before)) + 2**26
         self.runner.free_kv_cache()
 
     # ---- callable from the core ----------------------------------------------------------------
@@ -187,7 +217,23 @@ class Worker:
     def init_kv_cache(self, num_blocks: int) -> int:
         self.num_kv_blocks = num_blocks
         self.runner.allocate_kv_cache(num_blocks, self.num_kv_heads)
+        self._capture_graphs()
         return num_blocks
+
+    def _capture_graphs(self) -> None:
+        if not self.graph_sizes or not self.runner.kv_caches:
+            return
+        before = torch.cuda.memory_reserved(self.device)
+        seconds = self.runner.capture_graphs()
+        if self.rank == 0:
+            logger.info(
+                "captured %d CUDA graphs (decode batches %d..%d) in %.2f s, %.0f MiB",
+                len(self.graph_sizes),
+                self.graph_sizes[0],
+                self.graph_sizes[-1],
+                seconds,
+                (torch.cuda.memory_reserved(self.device) - before) / 2**20,
+            )
 
     def execute_model(self, step: ExecuteModel) -> ModelOutput:
         return self.runner.execute(step)
@@ -256,6 +302,9 @@ class Worker:
         if "kv_cache" in tags and self.kv_asleep:
             self.runner.allocate_kv_cache(self.num_kv_blocks, self.num_kv_heads)
             self.kv_asleep = False
+        graphs = self.runner.graphs
+        if graphs is not None and not graphs.captured and not self.asleep():
+            self._capture_graphs()  # they point at the weights and the cache: both are back
         return self.asleep()
 
     def asleep(self) -> list[str]:

@@ -5,9 +5,9 @@ the two decode launches (split + merge) for every single-token chunk; a phase wi
 to do launches an empty grid. The step's metadata lives in device buffers allocated once
 at their largest (`max_num_seqs`, `max_num_batched_tokens`, blocks for `max_model_len`) and
 filled in place from one pinned host tensor: the kernels always read the same addresses,
-which is what capturing a decode step in a CUDA graph needs (not done yet: a captured step
-would also fix `num_decodes` and `num_splits` to the graph's padded batch and pad
-`slot_mapping` with -1).
+which is what capturing a decode step in a CUDA graph needs (`worker/cuda_graphs.py`). A
+captured step fixes its launch sizes, so `build_metadata(inputs, pad_to=n)` lays a decode
+batch out as `n` rows: the padded rows write no KV (slot -1) and attend to one key.
 """
 
 from __future__ import annotations
@@ -85,7 +85,21 @@ class TritonAttentionBackend:
         self.mid_out = buffer(max_num_seqs, num_heads, max_splits, head_dim, dtype=torch.float32)
         self.mid_lse = buffer(max_num_seqs, num_heads, max_splits, dtype=torch.float32)
 
-    def build_metadata(self, inputs: StepInputs) -> TritonAttentionMetadata:
+    def decode_splits(self, num_decodes: int, longest: int | None = None) -> int:
+        """Context slices per decode: enough programs to fill the device, none shorter than
+        `split_min_tokens` of the longest context (unknown for a captured graph: the kernel
+        leaves the slices past a shorter context empty)."""
+        splits = self.max_splits
+        if longest is not None:
+            splits = min(splits, _cdiv(longest, self.split_min_tokens))
+        wanted = _cdiv(self.target_programs, num_decodes * self.num_kv_heads)
+        return max(1, min(splits, wanted))
+
+    def build_metadata(
+        self, inputs: StepInputs, pad_to: int | None = None
+    ) -> TritonAttentionMetadata:
+        """Copy the step's metadata into the device buffers. `pad_to`: a decode-only step laid
+        out as `pad_to` rows for a CUDA graph captured at that size."""
         num_seqs = len(inputs.slots)
         if num_seqs > self.max_num_seqs:
             raise ValueError(f"{num_seqs} sequences in a step > max_num_seqs={self.max_num_seqs}")
@@ -99,6 +113,16 @@ class TritonAttentionBackend:
             raise ValueError(f"a sequence spans {width} blocks > {self.max_blocks} (max_model_len)")
         n = inputs.num_scheduled
         seq_lens = inputs.seq_lens
+        slot_mapping, query_start = inputs.slot_mapping, inputs.query_start
+        if pad_to is not None:
+            if pad_to > self.max_num_seqs or pad_to < num_seqs or (n != 1).any():
+                raise ValueError(f"cannot lay out this step as {pad_to} decode rows")
+            pad = pad_to - num_seqs
+            slot_mapping = np.concatenate([slot_mapping, np.full(pad, -1, np.int64)])
+            seq_lens = np.concatenate([seq_lens, np.ones(pad, np.int64)])
+            query_start = np.arange(pad_to + 1)
+            n = np.ones(pad_to, np.int64)
+            num_tokens = pad_to
         decode_seqs = np.flatnonzero(n == 1)
         prefill_seqs = np.flatnonzero(n > 1)
         tiles = -(-n[prefill_seqs] // self.block_m)  # extend tiles of each prompt chunk
@@ -106,9 +130,9 @@ class TritonAttentionBackend:
         first_tile = np.repeat(np.cumsum(tiles) - tiles, tiles)
         tile_starts = (np.arange(len(tile_seqs)) - first_tile) * self.block_m
         sections = [
-            (self.slot_mapping, inputs.slot_mapping),
+            (self.slot_mapping, slot_mapping),
             (self.seq_lens, seq_lens),
-            (self.query_start, inputs.query_start),
+            (self.query_start, query_start),
             (self.decode_seqs, decode_seqs),
             (self.tile_seqs, tile_seqs),
             (self.tile_starts, tile_starts),
@@ -129,11 +153,10 @@ class TritonAttentionBackend:
                 host[offset:].view(num_seqs, width), non_blocking=pinned
             )
         num_splits = 1
-        if len(decode_seqs):
-            longest = int(seq_lens[decode_seqs].max())
-            num_splits = min(self.max_splits, _cdiv(longest, self.split_min_tokens))
-            wanted = _cdiv(self.target_programs, len(decode_seqs) * self.num_kv_heads)
-            num_splits = max(1, min(num_splits, wanted))
+        if pad_to is not None:
+            num_splits = self.decode_splits(pad_to)
+        elif len(decode_seqs):
+            num_splits = self.decode_splits(len(decode_seqs), int(seq_lens[decode_seqs].max()))
         return TritonAttentionMetadata(
             self, num_tokens, len(decode_seqs), len(tile_seqs), num_splits
         )

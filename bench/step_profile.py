@@ -48,18 +48,22 @@ def run(source: ModelSource, batch: int, context_len: int, steps: int, engine_kw
     params = SamplingParams(max_tokens=1 << 20, temperature=0.0, ignore_eos=True)
     prompts = [[10 + (i + j) % 1000 for j in range(context_len)] for i in range(batch)]
     slots = list(range(batch))
-    worker.execute_model(
-        ExecuteModel(
-            new_requests=[
-                NewRequest(slot=i, prompt_token_ids=p, sampling_params=params)
-                for i, p in enumerate(prompts)
-            ],
-            started=[SlotStart(i, 0) for i in slots],
-            new_block_ids=[NewBlocks(i, t) for i, t in enumerate(tables)],
-            slots=slots,
-            num_scheduled_tokens=[context_len] * batch,
+    # Prefill as the engine would: as many sequences a step as max_num_batched_tokens allows.
+    group = max(1, args.resolved_max_num_batched_tokens(config.max_model_len) // context_len)
+    for first in range(0, batch, group):
+        some = slots[first : first + group]
+        worker.execute_model(
+            ExecuteModel(
+                new_requests=[
+                    NewRequest(slot=i, prompt_token_ids=prompts[i], sampling_params=params)
+                    for i in some
+                ],
+                started=[SlotStart(i, 0) for i in some],
+                new_block_ids=[NewBlocks(i, tables[i]) for i in some],
+                slots=some,
+                num_scheduled_tokens=[context_len] * len(some),
+            )
         )
-    )
     decode = ExecuteModel(slots=slots, num_scheduled_tokens=[1] * batch)  # the worker's own tokens
 
     def step() -> float:
