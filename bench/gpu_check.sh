@@ -14,8 +14,9 @@
 #            vs eager, token for token (tests/test_cuda_graphs.py)
 #   parity   float32 greedy parity with transformers on CUDA (bench/gpu_parity.py), Triton
 #            path (the CUDA default), then the torch path
-#   latency  Llama-3.1-8B, batch 1, 128 in / 512 out (bar: >= 160 output tok/s), with CUDA
-#            graphs and without (--enforce-eager)
+#   graphs   the GPU tests of CUDA graphs and of steps launched ahead (a quick subset)
+#   latency  Llama-3.1-8B, batch 1, 128 in / 512 out (bar: >= 160 output tok/s)
+#   eager    the same without CUDA graphs (--enforce-eager)
 #   8b       Llama-3.1-8B, 1000 prompts x 256 in / 256 out (bar: >= 22,700 total tok/s)
 #   qwen     Qwen2.5-0.5B, 256 prompts, 64-512 in / 256 out, with transformers generate and
 #            generate_batch in the same run (bar: >= 20x generate_batch)
@@ -65,12 +66,15 @@ for stage in "${stages[@]}"; do
     parity)
         run parity python3 bench/gpu_parity.py
         ZLLM_ATTENTION_BACKEND=torch run parity python3 bench/gpu_parity.py ;;
+    graphs)
+        run graphs python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py \
+            tests/test_worker_pipelining.py tests/test_dummy_weights.py tests/test_triton_model.py ;;
     latency)
-        for opts in "" "--enforce-eager"; do
-            # shellcheck disable=SC2086
-            run latency "${ZLLM[@]}" bench latency --shape llama-3.1-8b --batch-sizes 1 \
-                --input-len 128 --output-len 512 --json $opts
-        done ;;
+        run latency "${ZLLM[@]}" bench latency --shape llama-3.1-8b --batch-sizes 1 \
+            --input-len 128 --output-len 512 --json ;;
+    eager)
+        run eager "${ZLLM[@]}" bench latency --shape llama-3.1-8b --batch-sizes 1 \
+            --input-len 128 --output-len 512 --json --enforce-eager ;;
     8b)
         run 8b "${ZLLM[@]}" bench throughput --shape llama-3.1-8b --num-prompts 1000 \
             --input-len 256 --output-len 256 --json ;;

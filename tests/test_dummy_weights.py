@@ -25,6 +25,7 @@ def test_dummy_weights_equal_the_peers(shape_dir):
         shape_dir,
         load_format="dummy",
         seed=5,
+        dtype="float32",  # the peer's (bfloat16 is the CUDA default)
         skip_tokenizer_init=True,
         distributed_executor_backend="uni",
         max_model_len=256,
@@ -35,10 +36,13 @@ def test_dummy_weights_equal_the_peers(shape_dir):
         llm.shutdown()
     torch.manual_seed(0)  # fill_dummy_ must not depend on the global generator
     model = __import__("transformers").AutoModelForCausalLM.from_config(hf_config("tiny"))
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the engine's: its generator's
+    model.to(device)
     fill_dummy_(model, seed=5)
     for prompt, out in zip(PROMPTS, outputs):
         with torch.no_grad():
-            logprobs = model(torch.tensor([prompt])).logits[0, -1].log_softmax(-1)
+            logits = model(torch.tensor([prompt], device=device)).logits
+            logprobs = logits[0, -1].float().log_softmax(-1).cpu()
         first = out.outputs[0].logprobs[0]
         assert out.outputs[0].token_ids[0] == int(logprobs.argmax())
         for token, entry in first.items():

@@ -73,7 +73,12 @@ def test_the_worker_rebuilds_a_decode_from_its_own_tokens() -> None:
     assert first.positions.tolist() == [0, 1, 2, 3, 4, 0, 1]
     assert first.slot_mapping.tolist() == [28, 29, 30, 31, 12, 36, 37]
     assert first.ends.tolist() == [True, True]
-    batch.append_tokens(np.array([0, 1]), np.array([99, 98]))
+    sampling = np.array([0, 1])
+    positions = batch.reserve_tokens(sampling)  # the step that samples them is running
+    assert batch.prepare([1], [1]).input_ids.tolist() == [-1]  # read on the device instead
+    batch.num_computed[1] -= 1
+    states = [batch.states[0], batch.states[1]]
+    batch.fill_tokens(sampling, positions, states, [99, 98])
     decode = batch.prepare([1, 0], [1, 1])
     assert decode.input_ids.tolist() == [98, 99]
     assert decode.positions.tolist() == [2, 5]

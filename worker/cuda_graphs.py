@@ -87,15 +87,14 @@ class DecodeGraphs:
         torch.cuda.synchronize(self.device)
         return time.perf_counter() - start
 
-    def replay(self, inputs: StepInputs, size: int) -> torch.Tensor:
+    def replay(
+        self, inputs: StepInputs, size: int, input_ids: torch.Tensor, positions: torch.Tensor
+    ) -> torch.Tensor:
         """The step's hidden states `[n, hidden]`, from the graph of `size` rows."""
         n = len(inputs.slots)
         self.backend.build_metadata(inputs, pad_to=size)
-        host = torch.empty(2, n, dtype=torch.long, pin_memory=True)
-        host[0].numpy()[:] = inputs.input_ids
-        host[1].numpy()[:] = inputs.positions
-        self.input_ids[:n].copy_(host[0], non_blocking=True)
-        self.positions[:n].copy_(host[1], non_blocking=True)
+        self.input_ids[:n].copy_(input_ids)
+        self.positions[:n].copy_(positions)
         graph, hidden = self._graphs[size]
         graph.replay()
         return hidden[:n]

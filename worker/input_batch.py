@@ -3,7 +3,8 @@ in preallocated host arrays indexed by the request's slot.
 
 A request's row holds its prompt (sent once) followed by every token this worker sampled
 for it, so a decode step needs no token from engine-core: the input of a request is its own
-last sampled token. A step (`ExecuteModel`) only changes rows: slots freed, block tables
+last sampled token (-1 while the step sampling it is still running: the model runner then
+reads it on the device). A step (`ExecuteModel`) only changes rows: slots freed, block tables
 reset (preemption) or extended, computed counts set for requests that (re)start; then
 `prepare` turns the step's slots into the flat batch's inputs with a few array operations,
 whatever the context length. The tables grow (doubling) if engine-core hands out more slots
@@ -178,10 +179,24 @@ class InputBatch:
             ends=seq_lens == self.num_tokens[slots_a],
         )
 
-    def append_tokens(self, slots: np.ndarray, tokens: np.ndarray) -> None:
-        """Tokens just sampled, one per slot: the next step's inputs."""
-        self.token_ids[slots, self.num_tokens[slots]] = tokens
+    def reserve_tokens(self, slots: np.ndarray) -> np.ndarray:
+        """Room for one token per slot that a launched step is sampling: -1 until it is known
+        (`fill_tokens`); the positions it takes."""
+        positions = self.num_tokens[slots].copy()
+        self.token_ids[slots, positions] = -1
         self.num_tokens[slots] += 1
+        return positions
+
+    def fill_tokens(
+        self, slots: np.ndarray, positions: np.ndarray, states: list, tokens: list[int]
+    ) -> None:
+        """The sampled tokens, in the rows their requests still hold (a slot finished and
+        taken by a new request meanwhile keeps the new request's tokens)."""
+        keep = [i for i, (s, st) in enumerate(zip(slots.tolist(), states)) if self.states[s] is st]
+        if len(keep) < len(states):
+            slots, positions = slots[keep], positions[keep]
+            tokens = [tokens[i] for i in keep]
+        self.token_ids[slots, positions] = tokens
 
     def output_token_ids(self, slot: WorkerSlot) -> list[int]:
         state = self.states[slot]

@@ -20,7 +20,6 @@ from zllm.protocol.config import EngineArgs, ModelConfig
 from zllm.protocol.process import die_with_parent, remove_at_exit
 from zllm.protocol.worker_messages import (
     ExecuteModel,
-    WorkerCall,
     WorkerFailed,
     WorkerHello,
     WorkerReply,
@@ -29,6 +28,59 @@ from zllm.protocol.worker_messages import (
 )
 
 logger = logging.getLogger("zllm.worker")
+
+
+def serve_steps(worker, steps: zmq.Socket, sock: zmq.Socket, rank: int) -> None:
+    """Run steps and calls until told to stop.
+
+    A step is launched, then its output waits on the device while the next message is read:
+    when engine-core already sent step N+1 (it schedules ahead), N+1 is prepared and launched
+    before N's output goes back, so the device never waits for the host between steps.
+    """
+    pending = None  # a launched step whose output is not sent yet
+
+    def finish() -> None:
+        nonlocal pending
+        output = worker.finish_step(pending)
+        pending = None
+        if rank == 0:
+            sock.send(encode(output))
+
+    while True:
+        if pending is not None and not _message_before(steps, pending):
+            finish()  # it ended before the next message came: nothing to overlap
+            continue
+        message = decode_for_worker(steps.recv())
+        if isinstance(message, ExecuteModel):
+            if pending is not None and worker.must_finish_first(message, pending):
+                finish()
+            launched = worker.launch_step(message)
+            if pending is not None:
+                finish()
+            pending = launched
+            continue
+        if pending is not None:
+            finish()
+        if message.method == "shutdown":
+            worker.shutdown()
+            sock.send(encode(WorkerReply(rank=rank, call_id=message.call_id)))
+            return
+        try:
+            result = worker.call(message.method, message.args, message.kwargs)
+            reply = WorkerReply(rank=rank, call_id=message.call_id, result=result)
+        except Exception as e:  # a failed call is an answer, not a crash
+            reply = WorkerReply(
+                rank=rank, call_id=message.call_id, error=f"{type(e).__name__}: {e}"
+            )
+        sock.send(encode(reply))
+
+
+def _message_before(steps: zmq.Socket, pending) -> bool:
+    """Spin until a message waits (True) or the pending step's device work ended (False)."""
+    while not steps.poll(0):
+        if pending.done():
+            return bool(steps.poll(0))
+    return True
 
 
 def run_worker(
@@ -61,25 +113,7 @@ def run_worker(
                 WorkerHello(rank=rank, pid=os.getpid(), num_kv_blocks=worker.available_kv_blocks())
             )
         )
-        while True:
-            message = decode_for_worker(steps.recv())
-            if isinstance(message, ExecuteModel):
-                output = worker.execute_model(message)
-                if rank == 0:
-                    sock.send(encode(output))
-            elif isinstance(message, WorkerCall):
-                if message.method == "shutdown":
-                    worker.shutdown()
-                    sock.send(encode(WorkerReply(rank=rank, call_id=message.call_id)))
-                    return
-                try:
-                    result = worker.call(message.method, message.args, message.kwargs)
-                    reply = WorkerReply(rank=rank, call_id=message.call_id, result=result)
-                except Exception as e:  # a failed call is an answer, not a crash
-                    reply = WorkerReply(
-                        rank=rank, call_id=message.call_id, error=f"{type(e).__name__}: {e}"
-                    )
-                sock.send(encode(reply))
+        serve_steps(worker, steps, sock, rank)
     except BaseException as e:
         if not isinstance(e, KeyboardInterrupt | SystemExit):
             detail = "".join(traceback.format_exception(e))
@@ -94,7 +128,7 @@ def run_worker(
 
 def main() -> None:
     logging.basicConfig(
-        level=os.environ.get("ZLLM_LOG_LEVEL", "WARNING"),
+        level=os.environ.get("ZLLM_LOG_LEVEL", "INFO"),
         format="%(asctime)s worker %(levelname)s %(message)s",
     )
     address, broadcast_address, rank, world_size, dist_init = (

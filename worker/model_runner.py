@@ -8,7 +8,7 @@ holds the same tokens (the next step's inputs).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -27,6 +27,24 @@ from zllm.worker.pooler import Pooler, PoolingChunk
 from zllm.worker.sampler import Sampler, SamplingRequest, gather_logprobs
 
 PROMPT_LOGPROBS_ROWS = 512  # prompt positions per logits matmul: bounds the [rows, V] buffer
+
+
+@dataclass
+class PendingStep:
+    """A launched step whose results may still be on their way to the host."""
+
+    prompt_parts: dict[WorkerSlot, list[tuple[torch.Tensor, ...]]] = field(default_factory=dict)
+    pooled: dict[WorkerSlot, bytes] = field(default_factory=dict)
+    slots: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # that sampled
+    states: list[SlotState] = field(default_factory=list)  # theirs at launch
+    positions: np.ndarray | None = None  # where their tokens go in the batch
+    tokens: torch.Tensor | None = None  # host copy of the sampled ids
+    gathered: tuple[torch.Tensor, ...] | None = None  # logprobs, host copies
+    logprob_ks: list[int | None] = field(default_factory=list)
+    event: torch.cuda.Event | None = None  # recorded after the step's last copy
+
+    def done(self) -> bool:
+        return self.event is None or self.event.query()
 
 
 @dataclass
@@ -63,6 +81,7 @@ class ModelRunner:
         self.pooler = Pooler(config.pooler_config, device) if config.pooler_config else None
         self.samples = tp_rank() == 0  # the other ranks get the sampled ids from rank 0
         self.graphs: DecodeGraphs | None = None  # set by `use_cuda_graphs`
+        self._last_sampled = torch.zeros(max_num_seqs, dtype=torch.long, device=device)
 
     def use_cuda_graphs(self, sizes: list[int]) -> None:
         """Replay decode steps of up to `max(sizes)` requests from CUDA graphs (captured by
@@ -106,19 +125,40 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, step: ExecuteModel) -> ModelOutput:
+        """Run a step to its end (the in-process executor, benchmarks, tests)."""
+        return self.finish(self.launch(step))
+
+    def must_finish_first(self, step: ExecuteModel, pending: PendingStep) -> bool:
+        """Whether `step` reads tokens `pending` is still sampling (penalties and the like
+        look at every generated token on the host): then `pending` must finish first."""
+        waiting = set(pending.slots.tolist())
+        return any(
+            slot in waiting and self.batch.states[slot].reads_output_tokens
+            for slot in step.slots
+            if self.batch.states[slot] is not None
+        )
+
+    @torch.inference_mode()
+    def launch(self, step: ExecuteModel) -> PendingStep:
+        """Apply a step and queue all its device work, without waiting for the device.
+
+        The tokens it samples are known on the device at once: a step launched before this
+        one finished reads them from there (`_last_sampled`), so the host prepares step N+1
+        while the device runs step N. `finish` brings the results to the host.
+        """
         if self.pooler is not None:  # before `apply`: a new request may reuse the slot
             for slot in step.finished_slots:
                 self.pooler.drop(slot)
         self.batch.apply(step, self._new_state)
         if not step.slots:
-            return ModelOutput(sampled_token_ids=[])
+            return PendingStep()
         inputs = self.batch.prepare(step.slots, step.num_scheduled_tokens)
         prompt_rows = self._plan_prompt_logprobs(inputs)
         pooling = self.batch.pooling[inputs.slots]
         sample_index = np.flatnonzero(inputs.ends & ~pooling)
 
         # Host->device copies are queued without waiting; device->host copies are queued
-        # too, and complete when the sampled ids reach the host: one wait per step.
+        # too, and read in `finish` once the step's event says they ran.
         graph_size = self.graphs.size_for(inputs) if self.graphs is not None else None
         if pooling.any() or prompt_rows:
             graph_size = None
@@ -128,42 +168,78 @@ class ModelRunner:
             sample_t = transfer.to_device(last_rows, torch.long, self.device)
         for rows in prompt_rows:
             rows.targets_t = transfer.to_device(rows.targets, torch.long, self.device)
+        ids_t = self._input_ids(inputs)
+        pos_t = transfer.to_device(inputs.positions, torch.long, self.device)
         if graph_size is not None:
-            hidden = self.graphs.replay(inputs, graph_size)
+            hidden = self.graphs.replay(inputs, graph_size, ids_t, pos_t)
         else:
             meta = self.attn_backend.build_metadata(inputs)
-            ids_t = transfer.to_device(inputs.input_ids, torch.long, self.device)
-            pos_t = transfer.to_device(inputs.positions, torch.long, self.device)
             hidden = self.model(ids_t, pos_t, self.kv_caches, meta)
         prompt_parts = {rows.slot: self._prompt_logprobs(hidden, rows) for rows in prompt_rows}
         pooled = {}
         if pooling.any() and self.samples:
             pooled = self._require_pooler().pool(hidden, self._pool_chunks(inputs, pooling))
-        sampled: list[int] = []
-        logprobs: list[Logprobs | None] = []
+        pending = PendingStep(prompt_parts=prompt_parts, pooled=pooled)
         if len(sample_index):
             slots = inputs.slots[sample_index]
             sample_rows = hidden if every_row_samples else hidden[sample_t]
             logits = self.model.logits(sample_rows)  # None on ranks other than 0
-            token_ids, gathered = self._sample(logits, slots)
-            sampled = token_ids.tolist()  # the step's wait for the device
-            self.batch.append_tokens(slots, np.asarray(sampled, np.int64))
-            if gathered is not None:
-                ks = [self.batch.states[s].sampling_params.logprobs for s in slots.tolist()]
-                logprobs = _split(gathered, ks, self._top_k)
-        # Each chunk's prompt logprobs go out with its own step: what a step ships is bounded by
-        # the step's size, never by the prompt's.
-        if prompt_parts and not len(sample_index) and self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).synchronize()  # no sampled ids to wait on
+            token_ids, pending.gathered = self._sample(logits, slots)
+            self._remember(slots, token_ids)
+            pending.slots = slots
+            pending.states = [self.batch.states[s] for s in slots.tolist()]
+            pending.positions = self.batch.reserve_tokens(slots)
+            pending.tokens = transfer.to_host((token_ids,))[0]
+            if pending.gathered is not None:
+                ks = [state.sampling_params.logprobs for state in pending.states]
+                pending.logprob_ks = ks
+        if self.device.type == "cuda":
+            pending.event = torch.cuda.Event()
+            pending.event.record()
+        return pending
+
+    def finish(self, pending: PendingStep) -> ModelOutput:
+        """Wait for a launched step; write its tokens into the batch; its output."""
+        if pending.event is not None:
+            pending.event.synchronize()
+        sampled: list[int] = pending.tokens.tolist() if pending.tokens is not None else []
+        if sampled:
+            self.batch.fill_tokens(pending.slots, pending.positions, pending.states, sampled)
+        logprobs: list[Logprobs | None] = []
+        if pending.gathered is not None:
+            logprobs = _split(pending.gathered, pending.logprob_ks, self._top_k)
         prompt_logprobs = {
-            slot: _to_logprobs(parts) for slot, parts in prompt_parts.items() if parts
+            slot: _to_logprobs(parts) for slot, parts in pending.prompt_parts.items() if parts
         }
         return ModelOutput(
             sampled_token_ids=sampled,
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
-            pooled=pooled,
+            pooled=pending.pooled,
         )
+
+    def _input_ids(self, inputs: StepInputs) -> torch.Tensor:
+        """The step's token ids on the device; a token a launched step is still sampling
+        (-1 on the host) comes from that step's result on the device."""
+        ids_t = transfer.to_device(inputs.input_ids, torch.long, self.device)
+        missing = np.flatnonzero(inputs.input_ids < 0)
+        if len(missing):
+            slots = np.repeat(inputs.slots, inputs.num_scheduled)[missing]
+            rows_t = transfer.to_device(missing, torch.long, self.device)
+            slots_t = transfer.to_device(slots, torch.long, self.device)
+            ids_t[rows_t] = self._last_sampled[slots_t]
+        return ids_t
+
+    def _remember(self, slots: np.ndarray, token_ids: torch.Tensor) -> None:
+        """Each slot's newest sampled token, on the device (for a step launched before this
+        one finishes)."""
+        rows = len(self.batch.states)
+        if self._last_sampled.numel() < rows:
+            grown = torch.zeros(rows, dtype=torch.long, device=self.device)
+            grown[: self._last_sampled.numel()] = self._last_sampled
+            self._last_sampled = grown
+        slots_t = transfer.to_device(slots, torch.long, self.device)
+        self._last_sampled[slots_t] = token_ids
 
     def _new_state(self, new: NewRequest) -> SlotState:
         params = new.sampling_params

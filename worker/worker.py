@@ -26,7 +26,7 @@ from zllm.protocol.worker_messages import (
 from zllm.worker.layers.backend import attention_backend_name, make_attention_backend
 from zllm.worker.layers.encoder_attention import EncoderAttentionBackend
 from zllm.worker.loader import load_model
-from zllm.worker.model_runner import ModelRunner
+from zllm.worker.model_runner import ModelRunner, PendingStep
 from zllm.worker.profiler import WorkerProfiler
 
 logger = logging.getLogger(__name__)
@@ -237,6 +237,17 @@ class Worker:
 
     def execute_model(self, step: ExecuteModel) -> ModelOutput:
         return self.runner.execute(step)
+
+    def launch_step(self, step: ExecuteModel) -> PendingStep:
+        """Queue a step's device work; `finish_step` waits for it (the worker process runs
+        the next step's host work in between)."""
+        return self.runner.launch(step)
+
+    def finish_step(self, pending: PendingStep) -> ModelOutput:
+        return self.runner.finish(pending)
+
+    def must_finish_first(self, step: ExecuteModel, pending: PendingStep) -> bool:
+        return self.runner.must_finish_first(step, pending)
 
     def ping(self) -> int:
         return os.getpid()
