@@ -223,16 +223,14 @@ class Worker:
     def _capture_graphs(self) -> None:
         if not self.graph_sizes or not self.runner.kv_caches:
             return
-        before = torch.cuda.memory_reserved(self.device)
         seconds = self.runner.capture_graphs()
         if self.rank == 0:
             logger.info(
-                "captured %d CUDA graphs (decode batches %d..%d) in %.2f s, %.0f MiB",
+                "captured %d CUDA graphs (decode batches %d..%d) in %.2f s",
                 len(self.graph_sizes),
                 self.graph_sizes[0],
                 self.graph_sizes[-1],
                 seconds,
-                (torch.cuda.memory_reserved(self.device) - before) / 2**20,
             )
 
     def execute_model(self, step: ExecuteModel) -> ModelOutput:
