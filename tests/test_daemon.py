@@ -368,3 +368,41 @@ def test_10000_hostile_frames_are_dropped_counted_and_the_core_still_serves(serv
     finally:
         client.close()
     assert daemon.proc.poll() is None
+
+
+@pytest.mark.timeout(180)
+def test_zllm_serve_attaches_to_the_daemon_and_leaves_it_running(served) -> None:
+    """`zllm serve --engine-core-address`: the server's greedy text is the daemon's, and
+    stopping the server stops neither the daemon nor its other clients."""
+    import json
+    import urllib.request
+
+    from scripts.serve_process import ServerProcess
+
+    daemon, _, engine = served
+    server = ServerProcess("--engine-core-address", daemon.address)
+    try:
+        server.wait_ready()
+        with urllib.request.urlopen(server.url + "/v1/models", timeout=30) as response:
+            name = json.load(response)["data"][0]["id"]
+        body = {"model": name, "prompt": PROMPTS[0][0], "max_tokens": 12, "temperature": 0}
+        body["ignore_eos"] = True
+        request = urllib.request.Request(
+            server.url + "/v1/completions",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=60) as response:
+            text = json.load(response)["choices"][0]["text"]
+        assert server.terminate() == 0, server.output()
+    finally:
+        server.kill()
+
+    async def direct() -> str:
+        out = None
+        async for out in engine.generate(PROMPTS[0][0], SHORT):
+            pass
+        return out.outputs[0].text
+
+    assert asyncio.run(direct()) == text  # the daemon still serves its other client
+    assert daemon.proc.poll() is None

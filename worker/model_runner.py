@@ -4,6 +4,10 @@ Per-request state lives in `worker/input_batch.py`, indexed by slot. Under tenso
 parallelism every rank keeps the same batch and runs the same step; the logits are gathered
 on rank 0, which alone samples and then broadcasts the sampled ids, so every rank's batch
 holds the same tokens (the next step's inputs).
+
+A step is `launch`ed (all its device work queued, nothing waited for) and later `finish`ed
+(its results read on the host): the worker process launches the next step in between when
+it can, so the device does not wait while the host prepares a step.
 """
 
 from __future__ import annotations
