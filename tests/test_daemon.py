@@ -399,10 +399,8 @@ def test_zllm_serve_attaches_to_the_daemon_and_leaves_it_running(served) -> None
         server.kill()
 
     async def direct() -> str:
-        out = None
-        async for out in engine.generate(PROMPTS[0][0], SHORT):
-            pass
-        return out.outputs[0].text
+        outputs = [out async for out in engine.generate(PROMPTS[0][0], SHORT)]
+        return outputs[-1].outputs[0].text
 
     assert asyncio.run(direct()) == text  # the daemon still serves its other client
     assert daemon.proc.poll() is None
