@@ -1,0 +1,241 @@
+"""`EngineRouter`: one `AsyncLLM`-like client over several engines, serving several models,
+each with any number of replicas (engine-cores spawned here or daemons attached by address).
+
+A request names its model; within the model, `ReplicaPolicy` picks the replica from the
+prompt's tokens and each replica's load (requests this router has in flight on it). A replica
+whose engine dies fails its in-flight requests with `EngineDeadError` naming it, and leaves the
+pool; new requests go to the survivors."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncGenerator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from zllm.frontend.async_llm import AsyncLLM
+from zllm.frontend.errors import EngineDeadError
+from zllm.frontend.input_processor import PromptType
+from zllm.frontend.outputs import RequestOutput
+from zllm.frontend.pooling_outputs import PoolingRequestOutput
+from zllm.frontend.replica_policy import ReplicaPolicy
+from zllm.protocol.config import EngineArgs
+from zllm.protocol.pooling_params import PoolingParams
+from zllm.protocol.sampling_params import SamplingParams
+
+logger = logging.getLogger("zllm")
+
+
+@dataclass
+class Replica:
+    """One engine of a model, and the requests this router has in flight on it."""
+
+    label: str  # "llama#0" or the daemon's address: what an error names
+    engine: AsyncLLM
+    in_flight: set[str] = field(default_factory=set)  # engine request ids
+
+    @property
+    def alive(self) -> bool:
+        return not self.engine.errored
+
+
+@dataclass
+class ServedModel:
+    """A served name and its replicas (same checkpoint, same tokenizer)."""
+
+    name: str
+    replicas: list[Replica]
+    policy: ReplicaPolicy
+    dead: list[str] = field(default_factory=list)  # labels of replicas that left the pool
+
+    def live(self) -> list[Replica]:
+        """The replicas still serving; a dead one leaves the pool the first time it is seen."""
+        for replica in [r for r in self.replicas if not r.alive]:
+            self.replicas.remove(replica)
+            self.policy.forget(replica.label)
+            self.dead.append(replica.label)
+            logger.warning("replica %s of %s died and left the pool", replica.label, self.name)
+        return self.replicas
+
+    def require_live(self) -> list[Replica]:
+        live = self.live()
+        if not live:
+            raise EngineDeadError(
+                f"every replica of model {self.name!r} is dead ({', '.join(self.dead)})"
+            )
+        return live
+
+    @property
+    def engine(self) -> AsyncLLM:
+        """A live replica, for what all replicas share (tokenizer, model config)."""
+        return self.require_live()[0].engine
+
+
+@dataclass
+class EngineSpec:
+    """How to reach one model: `replicas` engines spawned from `engine_args`, or (with
+    `engine_args.engine_core_address`) one daemon attached."""
+
+    name: str
+    engine_args: EngineArgs
+    replicas: int = 1
+
+    def __post_init__(self) -> None:
+        if self.replicas < 1:
+            raise ValueError(f"replicas must be >= 1, got {self.replicas}")
+        if self.replicas > 1 and self.engine_args.engine_core_address is not None:
+            raise ValueError(
+                "replicas: a daemon attached by address is one replica; give each daemon's "
+                "address as its own engine"
+            )
+
+
+class EngineRouter:
+    """Several models and replicas behind `generate()` / `encode()` with a `model` keyword.
+
+    `EngineRouter.start(specs)` spawns or attaches every engine (specs with the same name
+    are replicas of one model); `EngineRouter({name: [AsyncLLM, ...]})` wraps engines
+    already started. The router owns its engines: `shutdown()` stops them."""
+
+    def __init__(
+        self,
+        engines: dict[str, list[AsyncLLM]],
+        policy: Callable[[], ReplicaPolicy] | None = None,
+    ) -> None:
+        if not engines or any(not group for group in engines.values()):
+            raise ValueError("an EngineRouter needs at least one engine per model")
+        self.models: dict[str, ServedModel] = {}
+        for name, group in engines.items():
+            replicas = [
+                Replica(e.engine_args.engine_core_address or f"{name}#{i}", e)
+                for i, e in enumerate(group)
+            ]
+            block_size = group[0].engine_args.block_size
+            self.models[name] = ServedModel(
+                name, replicas, policy() if policy else ReplicaPolicy(block_size=block_size)
+            )
+        self._owner: dict[str, Replica] = {}  # engine request id -> its replica
+
+    @classmethod
+    def start(
+        cls, specs: list[EngineSpec], policy: Callable[[], ReplicaPolicy] | None = None
+    ) -> EngineRouter:
+        engines: dict[str, list[AsyncLLM]] = {}
+        try:
+            for spec in specs:
+                for _ in range(spec.replicas):
+                    engines.setdefault(spec.name, []).append(AsyncLLM(spec.engine_args))
+        except BaseException:
+            for group in engines.values():
+                for engine in group:
+                    engine.shutdown()
+            raise
+        return cls(engines, policy)
+
+    @property
+    def model_names(self) -> list[str]:
+        return list(self.models)
+
+    def model(self, name: str | None) -> ServedModel:
+        """A served model by name (None: the first); KeyError names what is served."""
+        if name is None:
+            return next(iter(self.models.values()))
+        try:
+            return self.models[name]
+        except KeyError:
+            raise KeyError(f"model {name!r} is not served (served: {self.model_names})") from None
+
+    def _pick(self, served: ServedModel, prompt_token_ids: list[int]) -> Replica:
+        by_label = {r.label: r for r in served.require_live()}
+        loads = {label: len(r.in_flight) for label, r in by_label.items()}
+        return by_label[served.policy.choose(prompt_token_ids, loads)]
+
+    async def _routed(self, served: ServedModel, request, run) -> AsyncGenerator[Any, None]:
+        replica = self._pick(served, request.prompt_token_ids)
+        replica.in_flight.add(request.request_id)
+        self._owner[request.request_id] = replica
+        try:
+            async for output in run(replica.engine, request):
+                yield output
+        except EngineDeadError as e:
+            served.live()  # the dead replica leaves the pool now
+            raise EngineDeadError(
+                f"replica {replica.label} of model {served.name!r} died: {e}"
+            ) from e
+        finally:
+            replica.in_flight.discard(request.request_id)
+            self._owner.pop(request.request_id, None)
+
+    async def generate(
+        self,
+        prompt: PromptType,
+        sampling_params: SamplingParams | None = None,
+        request_id: str | None = None,
+        *,
+        model: str | None = None,
+        priority: int = 0,
+    ) -> AsyncGenerator[RequestOutput, None]:
+        """`AsyncLLM.generate` on a replica of `model` (None: the first model)."""
+        served = self.model(model)
+        request = served.engine._prepare(prompt, sampling_params, request_id, priority)
+        async for output in self._routed(served, request, AsyncLLM._generate_prepared):
+            yield output
+
+    async def encode(
+        self,
+        prompt: PromptType,
+        pooling_params: PoolingParams | None = None,
+        request_id: str | None = None,
+        *,
+        model: str | None = None,
+        priority: int = 0,
+    ) -> AsyncGenerator[PoolingRequestOutput, None]:
+        """`AsyncLLM.encode` on a replica of `model` (None: the first model)."""
+        served = self.model(model)
+        request = served.engine._prepare_pooling(prompt, pooling_params, request_id, None, priority)
+        async for output in self._routed(served, request, AsyncLLM._encode_prepared):
+            yield output
+
+    async def abort(self, request_id: str | list[str]) -> None:
+        ids = [request_id] if isinstance(request_id, str) else list(request_id)
+        for rid in ids:
+            replica = self._owner.get(rid)
+            if replica is not None and replica.alive:
+                await replica.engine.abort(rid)
+
+    def health(self) -> dict[str, dict[str, Any]]:
+        """Per model: live and dead replicas (a model is healthy while one replica lives)."""
+        return {
+            name: {
+                "healthy": bool(served.live()),
+                "replicas": [r.label for r in served.replicas],
+                "dead": list(served.dead),
+            }
+            for name, served in self.models.items()
+        }
+
+    async def check_health(self, model: str | None = None) -> None:
+        """Raise `EngineDeadError` unless every named model (None: all) has a live replica
+        that answers."""
+        names = self.model_names if model is None else [self.model(model).name]
+        for name in names:
+            live = self.models[name].require_live()
+            await asyncio.gather(*(r.engine.check_health() for r in live))
+
+    async def get_stats(self, model: str | None = None) -> list[Any]:
+        """Every live replica's `SchedulerStats` for `model` (None: all models)."""
+        names = self.model_names if model is None else [self.model(model).name]
+        engines = [r.engine for n in names for r in self.models[n].live()]
+        return list(await asyncio.gather(*(e.get_stats() for e in engines)))
+
+    def shutdown(self) -> None:
+        for served in self.models.values():
+            for replica in served.replicas:
+                replica.engine.shutdown()
+
+    async def __aenter__(self) -> EngineRouter:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.shutdown()
