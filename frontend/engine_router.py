@@ -47,23 +47,22 @@ class ServedModel:
     name: str
     replicas: list[Replica]
     policy: ReplicaPolicy
-    dead: list[str] = field(default_factory=list)  # labels of replicas that left the pool
+    dead: dict[str, str] = field(default_factory=dict)  # replicas that left: label -> cause
 
     def live(self) -> list[Replica]:
         """The replicas still serving; a dead one leaves the pool the first time it is seen."""
         for replica in [r for r in self.replicas if not r.alive]:
             self.replicas.remove(replica)
             self.policy.forget(replica.label)
-            self.dead.append(replica.label)
+            self.dead[replica.label] = str(replica.engine.dead_error)
             logger.warning("replica %s of %s died and left the pool", replica.label, self.name)
         return self.replicas
 
     def require_live(self) -> list[Replica]:
         live = self.live()
         if not live:
-            raise EngineDeadError(
-                f"every replica of model {self.name!r} is dead ({', '.join(self.dead)})"
-            )
+            causes = "; ".join(f"{label}: {cause}" for label, cause in self.dead.items())
+            raise EngineDeadError(f"every replica of model {self.name!r} is dead ({causes})")
         return live
 
     @property
@@ -75,9 +74,10 @@ class ServedModel:
 @dataclass
 class EngineSpec:
     """How to reach one model: `replicas` engines spawned from `engine_args`, or (with
-    `engine_args.engine_core_address`) one daemon attached."""
+    `engine_args.engine_core_address`) one daemon attached. `name` None: the model's own
+    name (the default model's, or the daemon's)."""
 
-    name: str
+    name: str | None
     engine_args: EngineArgs
     replicas: int = 1
 
@@ -122,14 +122,16 @@ class EngineRouter:
         cls, specs: list[EngineSpec], policy: Callable[[], ReplicaPolicy] | None = None
     ) -> EngineRouter:
         engines: dict[str, list[AsyncLLM]] = {}
+        started: list[AsyncLLM] = []
         try:
             for spec in specs:
                 for _ in range(spec.replicas):
-                    engines.setdefault(spec.name, []).append(AsyncLLM(spec.engine_args))
+                    started.append(AsyncLLM(spec.engine_args))
+                    name = spec.name or started[-1].model_config.model
+                    engines.setdefault(name, []).append(started[-1])
         except BaseException:
-            for group in engines.values():
-                for engine in group:
-                    engine.shutdown()
+            for engine in started:
+                engine.shutdown()
             raise
         return cls(engines, policy)
 

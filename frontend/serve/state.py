@@ -1,5 +1,5 @@
-"""What the server holds (the engine, its names, metrics, requests in flight) and how one
-engine request runs under it: every route generates and encodes through `ServerState`, so
+"""What the server holds (the engines behind a router, the served models, metrics, requests
+in flight) and how one engine request runs under it: every route generates and encodes through `ServerState`, so
 metrics, the shutdown abort and 503s are the same everywhere."""
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from zllm.frontend.async_llm import AsyncLLM
+from zllm.frontend.engine_router import EngineRouter, ServedModel
 from zllm.frontend.errors import EngineOverloadedError
 from zllm.frontend.outputs import RequestOutput
 from zllm.frontend.pooling_outputs import PoolingRequestOutput
@@ -43,16 +44,18 @@ def shutting_down(reason: str) -> APIError:
     return APIError(503, reason, type="service_unavailable_error", code="shutting_down")
 
 
-class ServerState:
-    """One per server: the engine client and everything the routes share."""
+class ModelState:
+    """One served model as the routes see it: its tokenizer, defaults and limits, and
+    `generate()` / `encode()` routed to one of its replicas."""
 
-    def __init__(self, engine: AsyncLLM, config: ServeConfig) -> None:
-        self.engine = engine
-        self.config = config
-        self.served_names = config.served_model_names or [engine.model_config.model]
-        self.model_name = self.served_names[0]
-        self.metrics = ServerMetrics(self.model_name)
+    def __init__(self, server: ServerState, name: str, served: ServedModel) -> None:
+        self.server = server
+        self.model_name = name  # the name clients use
+        self.served = served
+        engine = served.engine
+        self.config = server.config
         self.tokenizer = engine.tokenizer
+        self.root = engine.model_config.model
         self.supported_tasks = list(engine.model_config.supported_tasks)
         self.defaults = (
             engine.model_config.get_diff_sampling_param()
@@ -60,29 +63,11 @@ class ServerState:
             else {}
         )
         self.max_model_len = engine.model_config.max_model_len
-        self.created = now_s()
-        self.active: set[str] = set()  # engine request ids in flight
-        self.websockets: set[Any] = set()
-        self.accepting = True
-        self.abort_reason: str | None = None  # set when a stop aborts what is still running
 
-    def check_model(self, name: str | None) -> str:
-        """The served name a request asks for (None: the first), else a 404."""
-        if name is None:
-            return self.model_name
-        if name not in self.served_names:
-            raise APIError(
-                404,
-                f"The model `{name}` does not exist (this server serves {self.served_names}).",
-                param="model",
-                code="model_not_found",
-            )
-        return name
-
-    def log_request(self, route: str, body: Any) -> None:
-        """One debug line per request (`--log-level debug`), with the caller's `user`."""
-        if logger.isEnabledFor(logging.DEBUG):
-            logger.debug("%s model=%s user=%r", route, body.model, getattr(body, "user", None))
+    @property
+    def engine(self) -> AsyncLLM:
+        """A live replica (for what replicas share: the input processor, the config)."""
+        return self.served.engine
 
     def check_task(self, task: str, route: str) -> None:
         if task not in self.supported_tasks:
@@ -93,19 +78,76 @@ class ServerState:
                 param="model",
             )
 
+    def generate(
+        self, prompt: Any, params: SamplingParams, priority: int = 0, request_id: str | None = None
+    ) -> AsyncIterator[RequestOutput]:
+        return self.server.generate(self, prompt, params, priority, request_id)
+
+    async def encode(
+        self, prompt: Any, params: PoolingParams, priority: int = 0
+    ) -> PoolingRequestOutput:
+        return await self.server.encode(self, prompt, params, priority)
+
+
+class ServerState:
+    """One per server: the engines (behind a router) and everything the routes share."""
+
+    def __init__(self, router: EngineRouter, config: ServeConfig) -> None:
+        self.router = router
+        self.config = config
+        names = router.model_names
+        if config.served_model_names and len(names) > 1:
+            raise ValueError(
+                "--served-model-name names one model; with several models, each is served "
+                "under the name given to --model or --engine"
+            )
+        # served name -> the model it serves (--served-model-name: aliases of the one model)
+        self.names = {alias: names[0] for alias in config.served_model_names}
+        self.names.update((name, name) for name in names if not config.served_model_names)
+        self.served_names = list(self.names)
+        self.model_name = self.served_names[0]
+        self.metrics = ServerMetrics(self.model_name)
+        self.models = {
+            alias: ModelState(self, alias, router.model(name)) for alias, name in self.names.items()
+        }
+        self.created = now_s()
+        self.active: set[str] = set()  # engine request ids in flight
+        self.websockets: set[Any] = set()
+        self.accepting = True
+        self.abort_reason: str | None = None  # set when a stop aborts what is still running
+
+    def check_model(self, name: str | None) -> ModelState:
+        """The served model a request asks for (None: the first), else a 404."""
+        if name is None:
+            return self.models[self.model_name]
+        if name not in self.models:
+            raise APIError(
+                404,
+                f"The model `{name}` does not exist (this server serves {self.served_names}).",
+                param="model",
+                code="model_not_found",
+            )
+        return self.models[name]
+
+    def log_request(self, route: str, body: Any) -> None:
+        """One debug line per request (`--log-level debug`), with the caller's `user`."""
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("%s model=%s user=%r", route, body.model, getattr(body, "user", None))
+
     @contextlib.contextmanager
-    def _in_flight(self, request_id: str):
+    def _in_flight(self, request_id: str, model: str):
         self.active.add(request_id)
         try:
             yield
         except EngineOverloadedError:
-            self.metrics.rejected.labels(model_name=self.model_name).inc()
+            self.metrics.rejected.labels(model_name=model).inc()
             raise
         finally:
             self.active.discard(request_id)
 
     async def generate(
         self,
+        model: ModelState,
         prompt: Any,
         params: SamplingParams,
         priority: int = 0,
@@ -114,9 +156,11 @@ class ServerState:
         """The engine's DELTA outputs for one prompt, observed for the metrics. An output
         aborted by a server stop becomes a 503 saying so."""
         request_id = request_id or f"srv-{uuid.uuid4().hex}"
-        timer = self.metrics.timer()
-        with self._in_flight(request_id):
-            outputs = self.engine.generate(prompt, params, request_id, priority=priority)
+        timer = self.metrics.timer(model.model_name)
+        with self._in_flight(request_id, model.model_name):
+            outputs = self.router.generate(
+                prompt, params, request_id, model=model.served.name, priority=priority
+            )
             reasons: dict[int, str] = {}  # completion index -> finish reason
             async with contextlib.aclosing(outputs):
                 async for output in outputs:
@@ -134,12 +178,14 @@ class ServerState:
                     yield output
 
     async def encode(
-        self, prompt: Any, params: PoolingParams, priority: int = 0
+        self, model: ModelState, prompt: Any, params: PoolingParams, priority: int = 0
     ) -> PoolingRequestOutput:
         request_id = f"srv-{uuid.uuid4().hex}"
-        timer = self.metrics.timer()
-        with self._in_flight(request_id):
-            outputs = self.engine.encode(prompt, params, request_id, priority=priority)
+        timer = self.metrics.timer(model.model_name)
+        with self._in_flight(request_id, model.model_name):
+            outputs = self.router.encode(
+                prompt, params, request_id, model=model.served.name, priority=priority
+            )
             async with contextlib.aclosing(outputs):
                 async for output in outputs:
                     timer.on_finish(
