@@ -105,22 +105,25 @@ class EngineRouter:
     ) -> None:
         if not engines or any(not group for group in engines.values()):
             raise ValueError("an EngineRouter needs at least one engine per model")
-        self.models: dict[str, ServedModel] = {}
-        for name, group in engines.items():
-            replicas = [
-                Replica(e.engine_args.engine_core_address or f"{name}#{i}", e)
-                for i, e in enumerate(group)
-            ]
-            block_size = group[0].engine_args.block_size
-            self.models[name] = ServedModel(
-                name, replicas, policy() if policy else ReplicaPolicy(block_size=block_size)
-            )
+        self._policy = policy
+        self.models: dict[str, ServedModel] = {
+            name: self._served(name, group) for name, group in engines.items()
+        }
         self._owner: dict[str, Replica] = {}  # engine request id -> its replica
 
-    @classmethod
-    def start(
-        cls, specs: list[EngineSpec], policy: Callable[[], ReplicaPolicy] | None = None
-    ) -> EngineRouter:
+    def _served(self, name: str, group: list[AsyncLLM]) -> ServedModel:
+        replicas = [
+            Replica(e.engine_args.engine_core_address or f"{name}#{i}", e)
+            for i, e in enumerate(group)
+        ]
+        block_size = group[0].engine_args.block_size
+        policy = self._policy() if self._policy else ReplicaPolicy(block_size=block_size)
+        return ServedModel(name, replicas, policy)
+
+    @staticmethod
+    def start_engines(specs: list[EngineSpec]) -> dict[str, list[AsyncLLM]]:
+        """Spawn or attach every spec's engines (blocking until each is ready), by name; on
+        any failure the ones already started are stopped."""
         engines: dict[str, list[AsyncLLM]] = {}
         started: list[AsyncLLM] = []
         try:
@@ -133,7 +136,38 @@ class EngineRouter:
             for engine in started:
                 engine.shutdown()
             raise
-        return cls(engines, policy)
+        return engines
+
+    @classmethod
+    def start(
+        cls, specs: list[EngineSpec], policy: Callable[[], ReplicaPolicy] | None = None
+    ) -> EngineRouter:
+        return cls(cls.start_engines(specs), policy)
+
+    def add_model(self, name: str, engines: list[AsyncLLM]) -> ServedModel:
+        """Serve `name` from engines already started (at run time: a model just loaded)."""
+        if name in self.models:
+            raise ValueError(f"model {name!r} is already served")
+        if not engines:
+            raise ValueError(f"model {name!r} needs at least one engine")
+        self.models[name] = self._served(name, engines)
+        return self.models[name]
+
+    async def remove_model(self, name: str, timeout: float) -> None:
+        """Stop routing to `name` now, let its in-flight requests finish for `timeout`
+        seconds, abort the rest, then stop its engines."""
+        served = self.models.pop(name)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        in_flight = lambda: [rid for r in served.replicas for rid in r.in_flight]  # noqa: E731
+        while in_flight() and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        if in_flight():
+            logger.warning("unloading %s: aborting %d requests", name, len(in_flight()))
+            await self.abort(in_flight())
+            while in_flight() and loop.time() < deadline + 5.0:
+                await asyncio.sleep(0.05)
+        await asyncio.to_thread(_shutdown_all, served)
 
     @property
     def model_names(self) -> list[str]:
@@ -233,11 +267,15 @@ class EngineRouter:
 
     def shutdown(self) -> None:
         for served in self.models.values():
-            for replica in served.replicas:
-                replica.engine.shutdown()
+            _shutdown_all(served)
 
     async def __aenter__(self) -> EngineRouter:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         self.shutdown()
+
+
+def _shutdown_all(served: ServedModel) -> None:
+    for replica in served.replicas:
+        replica.engine.shutdown()

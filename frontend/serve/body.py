@@ -39,7 +39,7 @@ async def read_request(request: web.Request, type: Any, task: str) -> tuple[Any,
 
     server = request.app[STATE]
     body = await read_json(request, type)
-    model = server.check_model(body.model)
+    model = await server.wait_model(body.model)
     model.check_task(task, request.path)
     server.log_request(request.path, body)
     return model, body, model.model_name

@@ -36,6 +36,21 @@ def add_server_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "default: $ZLLM_API_KEY, else none)",
     )
     group.add_argument(
+        "--admin-api-key",
+        action="append",
+        default=None,
+        help="require `Authorization: Bearer KEY` on /admin/* (load and unload models at run "
+        "time; repeat for several keys; default: $ZLLM_ADMIN_API_KEY, else the --api-key "
+        "keys; without any key the admin API is off)",
+    )
+    group.add_argument(
+        "--load-wait-timeout",
+        type=float,
+        default=30.0,
+        help="seconds a request for a model still loading (POST /admin/models) waits before "
+        "it gets 503 with Retry-After (default: 30)",
+    )
+    group.add_argument(
         "--served-model-name",
         nargs="+",
         default=None,
@@ -99,6 +114,12 @@ def serve_config(ns: argparse.Namespace) -> ServeConfig:
     keys = ns.api_key or ([env_key] if env_key else [])
     if any(not key for key in keys):
         raise ValueError("--api-key: an empty key would let anyone in")
+    env_admin = os.environ.get("ZLLM_ADMIN_API_KEY")
+    admin_keys = ns.admin_api_key or ([env_admin] if env_admin else keys)
+    if any(not key for key in admin_keys):
+        raise ValueError("--admin-api-key: an empty key would let anyone in")
+    if ns.load_wait_timeout < 0:
+        raise ValueError(f"--load-wait-timeout must be >= 0, got {ns.load_wait_timeout}")
     if ns.shutdown_timeout < 0:
         raise ValueError(f"--shutdown-timeout must be >= 0, got {ns.shutdown_timeout}")
     if ns.max_body_bytes < 1024:
@@ -110,6 +131,8 @@ def serve_config(ns: argparse.Namespace) -> ServeConfig:
         served_model_names=ns.served_model_name or [],
         max_body_bytes=ns.max_body_bytes,
         shutdown_timeout=ns.shutdown_timeout,
+        admin_api_keys=admin_keys,
+        load_wait_timeout=ns.load_wait_timeout,
     )
 
 
@@ -148,12 +171,13 @@ def engine_specs_of(ns: argparse.Namespace) -> list[EngineSpec]:
 
 
 def cmd_serve(ns: argparse.Namespace) -> int:
+    from zllm.frontend.cli import engine_args_from
     from zllm.frontend.serve.server import run_server
 
     config = serve_config(ns)
     specs = engine_specs_of(ns)
     configure_logging(ns.log_level)
-    return run_server(specs, config)
+    return run_server(specs, config, engine_args_from(ns))
 
 
 def add_serve_parser(sub) -> None:

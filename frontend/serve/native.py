@@ -151,7 +151,7 @@ def _tokenizer(state: ModelState):
 async def tokenize(request: web.Request) -> web.Response:
     """`prompt` (text) or `messages` (through the chat template) as token ids."""
     body: TokenizeRequest = await read_json(request, TokenizeRequest)
-    state = request.app[STATE].check_model(body.model)
+    state = await request.app[STATE].wait_model(body.model)
     tokenizer = _tokenizer(state)
     if (body.prompt is None) == (body.messages is None):
         raise bad_request("give either prompt or messages", "prompt")
@@ -168,7 +168,7 @@ async def tokenize(request: web.Request) -> web.Response:
 
 async def detokenize(request: web.Request) -> web.Response:
     body: DetokenizeRequest = await read_json(request, DetokenizeRequest)
-    state = request.app[STATE].check_model(body.model)
+    state = await request.app[STATE].wait_model(body.model)
     tokenizer = _tokenizer(state)
     vocab = state.engine.model_config.get_vocab_size()
     bad = next((i for i, t in enumerate(body.tokens) if not 0 <= t < vocab), None)
@@ -183,8 +183,8 @@ async def detokenize(request: web.Request) -> web.Response:
 async def metrics(request: web.Request) -> web.Response:
     state = request.app[STATE]
     stats = None
-    first = state.models[state.model_name].served
-    if first.live():
+    first = state.models[state.model_name].served if state.models else None
+    if first is not None and first.live():
         try:  # the first model's first live replica (engine gauges carry one model_name)
             stats = await asyncio.wait_for(first.engine.get_stats(), HEALTH_TIMEOUT_S)
         except Exception:  # a dead engine still has the server's own metrics to show

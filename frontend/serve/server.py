@@ -13,6 +13,7 @@ from aiohttp import web
 from zllm.frontend.engine_router import EngineRouter, EngineSpec
 from zllm.frontend.serve.app import build_app
 from zllm.frontend.serve.state import ServeConfig, ServerState
+from zllm.protocol.config import EngineArgs
 
 logger = logging.getLogger("zllm.serve")
 
@@ -52,6 +53,8 @@ async def graceful_stop(runner: web.AppRunner, state: ServerState) -> None:
     for site in list(runner.sites):
         await site.stop()  # no new connections
     timeout = state.config.shutdown_timeout
+    if state.loading:  # a model loading now is served (and stopped with the rest) first
+        await asyncio.wait([asyncio.shield(f) for f in state.loading.values()], timeout=timeout)
     if not await state.wait_idle(timeout):
         state.abort_reason = (
             f"the server is shutting down: the request was aborted after --shutdown-timeout "
@@ -65,17 +68,22 @@ async def graceful_stop(runner: web.AppRunner, state: ServerState) -> None:
     await runner.cleanup()
 
 
-async def serve(specs: list[EngineSpec], config: ServeConfig) -> int:
+async def serve(
+    specs: list[EngineSpec], config: ServeConfig, engine_args: EngineArgs | None = None
+) -> int:
     """Start the engines (or attach to daemons), serve, stop; the exit code. The engines
-    start in this coroutine: nothing else runs on the loop before it serves."""
+    start in this coroutine: nothing else runs on the loop before it serves. `engine_args`:
+    the engine options of models loaded at run time (`POST /admin/models`)."""
     router = EngineRouter.start(specs)
     try:
-        return await serve_app(ServerState(router, config))
+        return await serve_app(ServerState(router, config, engine_args))
     finally:
         router.shutdown()
 
 
-def run_server(specs: list[EngineSpec], config: ServeConfig) -> int:
+def run_server(
+    specs: list[EngineSpec], config: ServeConfig, engine_args: EngineArgs | None = None
+) -> int:
     from zllm.frontend.cli import run_async
 
-    return run_async(serve(specs, config))
+    return run_async(serve(specs, config, engine_args))

@@ -19,9 +19,10 @@ from zllm.frontend.engine_router import EngineRouter, ServedModel
 from zllm.frontend.errors import EngineOverloadedError
 from zllm.frontend.outputs import RequestOutput
 from zllm.frontend.pooling_outputs import PoolingRequestOutput
-from zllm.frontend.serve.errors import APIError
+from zllm.frontend.serve.errors import RETRY_AFTER_S, APIError
 from zllm.frontend.serve.metrics import ServerMetrics
 from zllm.frontend.serve.response_schemas import now_s
+from zllm.protocol.config import EngineArgs
 from zllm.protocol.pooling_params import PoolingParams
 from zllm.protocol.sampling_params import SamplingParams
 
@@ -37,7 +38,9 @@ class ServeConfig:
     api_keys: list[str] = field(default_factory=list)  # empty: no authentication
     served_model_names: list[str] = field(default_factory=list)  # empty: the model as given
     max_body_bytes: int = 8 * 1024 * 1024
-    shutdown_timeout: float = 30.0
+    shutdown_timeout: float = 30.0  # also how long an unloaded model's streams may finish
+    admin_api_keys: list[str] = field(default_factory=list)  # empty: no /admin/* routes
+    load_wait_timeout: float = 30.0  # how long a request for a loading model waits
 
 
 def shutting_down(reason: str) -> APIError:
@@ -92,9 +95,12 @@ class ModelState:
 class ServerState:
     """One per server: the engines (behind a router) and everything the routes share."""
 
-    def __init__(self, router: EngineRouter, config: ServeConfig) -> None:
+    def __init__(
+        self, router: EngineRouter, config: ServeConfig, engine_args: EngineArgs | None = None
+    ) -> None:
         self.router = router
         self.config = config
+        self.engine_args = engine_args  # the engine options models loaded at run time get
         names = router.model_names
         if config.served_model_names and len(names) > 1:
             raise ValueError(
@@ -102,19 +108,54 @@ class ServerState:
                 "under the name given to --model or --engine"
             )
         # served name -> the model it serves (--served-model-name: aliases of the one model)
-        self.names = {alias: names[0] for alias in config.served_model_names}
-        self.names.update((name, name) for name in names if not config.served_model_names)
-        self.served_names = list(self.names)
-        self.model_name = self.served_names[0]
-        self.metrics = ServerMetrics(self.model_name)
+        aliases = {alias: names[0] for alias in config.served_model_names}
+        aliases.update((name, name) for name in names if not config.served_model_names)
+        self.metrics = ServerMetrics(next(iter(aliases)))
         self.models = {
-            alias: ModelState(self, alias, router.model(name)) for alias, name in self.names.items()
+            alias: ModelState(self, alias, router.model(name)) for alias, name in aliases.items()
         }
+        self.loading: dict[str, asyncio.Future] = {}  # names being loaded -> done once settled
+        self.draining: set[str] = set()  # names being unloaded
         self.created = now_s()
         self.active: set[str] = set()  # engine request ids in flight
         self.websockets: set[Any] = set()
         self.accepting = True
         self.abort_reason: str | None = None  # set when a stop aborts what is still running
+
+    @property
+    def served_names(self) -> list[str]:
+        return list(self.models)
+
+    @property
+    def model_name(self) -> str:
+        """The model a request that names none gets: the first still served."""
+        if not self.models:
+            raise APIError(404, "this server serves no model now", code="model_not_found")
+        return self.served_names[0]
+
+    async def wait_model(self, name: str | None) -> ModelState:
+        """`check_model`, once a model still loading is ready: a request for it waits up to
+        `load_wait_timeout` seconds, then gets 503 with `Retry-After`."""
+        if name in self.loading:
+            timeout = self.config.load_wait_timeout
+            try:
+                await asyncio.wait_for(asyncio.shield(self.loading[name]), timeout)
+            except TimeoutError:
+                raise APIError(
+                    503,
+                    f"model {name!r} is still loading after {timeout:g} s; retry later",
+                    type="service_unavailable_error",
+                    code="model_loading",
+                    headers={"Retry-After": str(RETRY_AFTER_S)},
+                ) from None
+        if name in self.draining:
+            raise APIError(
+                503,
+                f"model {name!r} is being unloaded",
+                type="service_unavailable_error",
+                code="model_unloading",
+            )
+        return self.check_model(name)
 
     def check_model(self, name: str | None) -> ModelState:
         """The served model a request asks for (None: the first), else a 404."""

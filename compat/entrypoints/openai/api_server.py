@@ -30,7 +30,9 @@ async def run_server(args: argparse.Namespace, **_uvicorn_kwargs: object) -> Non
             f"run_server: uvicorn options {sorted(_uvicorn_kwargs)} do not apply to zllm's "
             "aiohttp server"
         )
-    await serve(engine_specs_of(args), serve_config(args))
+    from zllm.frontend.cli import engine_args_from
+
+    await serve(engine_specs_of(args), serve_config(args), engine_args_from(args))
 
 
 @contextlib.asynccontextmanager
