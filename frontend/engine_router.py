@@ -37,7 +37,14 @@ class Replica:
 
     @property
     def alive(self) -> bool:
+        """False once its engine is dead for good (a spawned core exited, or shut down)."""
         return not self.engine.errored
+
+    @property
+    def connected(self) -> bool:
+        """Taking requests now: False while the client reconnects to a daemon that died or
+        restarted (it rejoins by itself once the daemon answers again)."""
+        return self.engine.is_running
 
 
 @dataclass
@@ -48,27 +55,42 @@ class ServedModel:
     replicas: list[Replica]
     policy: ReplicaPolicy
     dead: dict[str, str] = field(default_factory=dict)  # replicas that left: label -> cause
+    away: set[str] = field(default_factory=set)  # daemons reconnecting: out of the pool
 
     def live(self) -> list[Replica]:
-        """The replicas still serving; a dead one leaves the pool the first time it is seen."""
+        """The replicas serving now. A dead one leaves for good the first time it is seen; a
+        daemon being reconnected to is skipped, and back in the pool once it answers."""
         for replica in [r for r in self.replicas if not r.alive]:
             self.replicas.remove(replica)
             self.policy.forget(replica.label)
+            self.away.discard(replica.label)
             self.dead[replica.label] = str(replica.engine.dead_error)
             logger.warning("replica %s of %s died and left the pool", replica.label, self.name)
-        return self.replicas
+        away = {r.label for r in self.replicas if not r.connected}
+        for label in away - self.away:
+            logger.warning("replica %s of %s is unreachable: out of the pool", label, self.name)
+        for label in self.away - away:
+            logger.info("replica %s of %s is back in the pool", label, self.name)
+        self.away = away
+        return [r for r in self.replicas if r.label not in away]
 
     def require_live(self) -> list[Replica]:
         live = self.live()
         if not live:
-            causes = "; ".join(f"{label}: {cause}" for label, cause in self.dead.items())
-            raise EngineDeadError(f"every replica of model {self.name!r} is dead ({causes})")
+            causes = [f"{label}: {cause}" for label, cause in self.dead.items()]
+            causes += [f"{label}: reconnecting" for label in sorted(self.away)]
+            raise EngineDeadError(
+                f"no replica of model {self.name!r} is serving ({'; '.join(causes)})"
+            )
         return live
 
     @property
     def engine(self) -> AsyncLLM:
-        """A live replica, for what all replicas share (tokenizer, model config)."""
-        return self.require_live()[0].engine
+        """A replica not dead for good, for what all replicas share (tokenizer, config)."""
+        self.live()
+        if not self.replicas:
+            return self.require_live()[0].engine  # raises, naming every cause
+        return self.replicas[0].engine
 
 
 @dataclass
@@ -241,11 +263,13 @@ class EngineRouter:
                 await replica.engine.abort(rid)
 
     def health(self) -> dict[str, dict[str, Any]]:
-        """Per model: live and dead replicas (a model is healthy while one replica lives)."""
+        """Per model: serving, reconnecting and dead replicas (a model is healthy while one
+        replica serves)."""
         return {
             name: {
-                "healthy": bool(served.live()),
-                "replicas": [r.label for r in served.replicas],
+                "healthy": bool(live := served.live()),
+                "replicas": [r.label for r in live],
+                "reconnecting": sorted(served.away),
                 "dead": list(served.dead),
             }
             for name, served in self.models.items()

@@ -6,6 +6,8 @@ checkpoint); `/v1/models` lists every name; `/health` reports per model and per 
 from __future__ import annotations
 
 import json
+import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -103,3 +105,41 @@ def test_bad_engine_options_name_the_option(tiny_checkpoints):
             assert option in proc.output()
         finally:
             proc.kill()
+
+
+def _status_of(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def test_a_restarted_daemon_rejoins_the_pool_on_its_own(server, daemon, tiny_checkpoints):
+    """Last in this file: it kills the module's daemon. While it is down, `remote` is out of
+    the pool (its health 503, requests fail at once) and the other models serve; a new daemon
+    at the same address is back in the pool with no call to the server."""
+    before = _complete(server.url, "remote", PROMPTS[0])
+    daemon.kill()
+    deadline = time.monotonic() + 10
+    while _status_of(server.url + "/health?model=remote") != 503:
+        assert time.monotonic() < deadline, "the dead daemon still looks healthy"
+        time.sleep(0.05)
+    start = time.monotonic()
+    with pytest.raises(urllib.error.HTTPError) as failed:
+        _complete(server.url, "remote", PROMPTS[0])
+    assert failed.value.code == 503 and time.monotonic() - start < 2.0
+    assert "no replica of model 'remote' is serving" in failed.value.read().decode()
+    assert _complete(server.url, tiny_checkpoints["llama"], PROMPTS[0])
+    restarted = Daemon(tiny_checkpoints["qwen3"], daemon.address)
+    try:
+        restarted.wait_for_log("engine-core ready")
+        deadline = time.monotonic() + 30
+        while _status_of(server.url + "/health?model=remote") != 200:
+            assert time.monotonic() < deadline, "the restarted daemon did not rejoin"
+            time.sleep(0.1)
+        health = _get(server.url + "/health?model=remote")["models"]["remote"]
+        assert health["replicas"] == [daemon.address] and health["reconnecting"] == []
+        assert _complete(server.url, "remote", PROMPTS[0]) == before
+    finally:
+        restarted.kill()
