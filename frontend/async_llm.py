@@ -21,7 +21,7 @@ from zllm.frontend.engine_configs import (
     VllmConfig,
 )
 from zllm.frontend.engine_frontend import EngineFrontend, check_sleep_args
-from zllm.frontend.input_processor import PromptType
+from zllm.frontend.input_processor import ProcessedRequest, PromptType
 from zllm.frontend.metrics_reader import stats_line
 from zllm.frontend.model_config import ModelConfig
 from zllm.frontend.outputs import RequestOutput
@@ -72,7 +72,17 @@ class AsyncLLM(EngineFrontend):
             tokenization_kwargs=tokenization_kwargs,
             data_parallel_rank=data_parallel_rank,
         )
-        request_id, stream = self._add_request(prompt, sampling_params, request_id, priority)
+        async for output in self._generate_prepared(
+            self._prepare(prompt, sampling_params, request_id, priority)
+        ):
+            yield output
+
+    async def _generate_prepared(
+        self, request: ProcessedRequest
+    ) -> AsyncGenerator[RequestOutput, None]:
+        """`generate()` of a request already tokenized and checked (a router tokenizes once,
+        then picks the replica by the prompt's tokens)."""
+        request_id, stream = self._submit(request)
         guard = _AbortIfAbandoned(self.client, request_id)
         try:
             while True:
@@ -107,11 +117,17 @@ class AsyncLLM(EngineFrontend):
         request; a request aborted with `abort()` ends without an output.
         """
         _refuse_unsupported(lora_request=lora_request)
-        request_id, stream = self._submit(
+        async for output in self._encode_prepared(
             self._prepare_pooling(
                 prompt, pooling_params, request_id, truncate_prompt_tokens, priority
             )
-        )
+        ):
+            yield output
+
+    async def _encode_prepared(
+        self, request: ProcessedRequest
+    ) -> AsyncGenerator[PoolingRequestOutput, None]:
+        request_id, stream = self._submit(request)
         guard = _AbortIfAbandoned(self.client, request_id)
         try:
             item = await stream.get()

@@ -8,7 +8,7 @@ import logging
 
 from aiohttp import web
 
-from zllm.frontend.serve import chat, completions, embeddings, native, websocket
+from zllm.frontend.serve import admin, chat, completions, embeddings, native, websocket
 from zllm.frontend.serve.body import too_large
 from zllm.frontend.serve.errors import APIError, from_exception
 from zllm.frontend.serve.state import STATE, ServerState, shutting_down
@@ -36,23 +36,36 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
         return from_exception(e).response()
 
 
+def _check_key(request: web.Request, keys: list[str]) -> None:
+    header = request.headers.get("Authorization", "")
+    token = header[7:] if header.startswith("Bearer ") else None
+    if token is None or not any(hmac.compare_digest(token, key) for key in keys):
+        raise APIError(
+            401,
+            "missing or wrong API key: send `Authorization: Bearer <key>`",
+            type="authentication_error",
+            code="invalid_api_key",
+        )
+
+
 @web.middleware
 async def gate_middleware(request: web.Request, handler) -> web.StreamResponse:
-    """The API key on every `/v1/*` call; nothing new once the server is stopping."""
+    """The API key on every `/v1/*` call, the admin key on `/admin/*` (which is off without
+    one); nothing new once the server is stopping."""
     state = request.app[STATE]
     if not state.accepting:
         raise shutting_down("the server is shutting down")
     keys = state.config.api_keys
     if keys and request.path.startswith("/v1/"):
-        header = request.headers.get("Authorization", "")
-        token = header[7:] if header.startswith("Bearer ") else None
-        if token is None or not any(hmac.compare_digest(token, key) for key in keys):
+        _check_key(request, keys)
+    if request.path.startswith("/admin/"):
+        if not state.config.admin_api_keys:
             raise APIError(
-                401,
-                "missing or wrong API key: send `Authorization: Bearer <key>`",
-                type="authentication_error",
-                code="invalid_api_key",
+                403,
+                "the admin API is off: start the server with --admin-api-key (or --api-key)",
+                type="permission_error",
             )
+        _check_key(request, state.config.admin_api_keys)
     return await handler(request)
 
 
@@ -79,6 +92,7 @@ def build_app(state: ServerState) -> web.Application:
             web.post("/tokenize", native.tokenize),
             web.post("/detokenize", native.detokenize),
             web.get("/metrics", native.metrics),
+            *admin.ROUTES,
         ]
     )
     return app

@@ -33,16 +33,16 @@ async def read_json(request: web.Request, type: Any) -> Any:
 
 
 async def read_request(request: web.Request, type: Any, task: str) -> tuple[Any, Any, str]:
-    """What every engine route starts with: (the server's state, the body as `type`, the
-    served model name it asked for), once the model is known and can do `task`."""
+    """What every engine route starts with: (the served model's state, the body as `type`,
+    the served model name it asked for), once the model is known and can do `task`."""
     from zllm.frontend.serve.state import STATE
 
-    state = request.app[STATE]
+    server = request.app[STATE]
     body = await read_json(request, type)
-    model = state.check_model(body.model)
-    state.check_task(task, request.path)
-    state.log_request(request.path, body)
-    return state, body, model
+    model = await server.wait_model(body.model)
+    model.check_task(task, request.path)
+    server.log_request(request.path, body)
+    return model, body, model.model_name
 
 
 def json_response(payload: Any, status: int = 200) -> web.Response:

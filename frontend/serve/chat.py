@@ -26,13 +26,13 @@ from zllm.frontend.serve.response_schemas import (
     new_id,
     now_s,
 )
-from zllm.frontend.serve.state import ServerState
+from zllm.frontend.serve.state import ModelState
 from zllm.frontend.serve.streaming import merge, sse_response
 
 ROLE = "assistant"
 
 
-def chat_prompt(state: ServerState, body: ChatCompletionRequest) -> dict:
+def chat_prompt(state: ModelState, body: ChatCompletionRequest) -> dict:
     """The request's conversation through the chat template, with its options."""
     if body.add_generation_prompt and body.continue_final_message:
         raise bad_request(
@@ -49,7 +49,7 @@ def chat_prompt(state: ServerState, body: ChatCompletionRequest) -> dict:
 
 
 def chat_prompt_of(
-    state: ServerState, messages: list[ChatMessage], add_generation_prompt: bool, **options: Any
+    state: ModelState, messages: list[ChatMessage], add_generation_prompt: bool, **options: Any
 ) -> dict:
     """Messages through the chat template, as text and token ids (a 400 if the template
     refuses them, e.g. roles that do not alternate)."""
@@ -91,7 +91,7 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
 
 
 async def _chunks(
-    state: ServerState, body: ChatCompletionRequest, head: dict, outputs
+    state: ModelState, body: ChatCompletionRequest, head: dict, outputs
 ) -> AsyncIterator[ChatCompletionChunk]:
     options = body.stream_options
     continuous = options is not None and options.continuous_usage_stats

@@ -19,7 +19,7 @@ from zllm.frontend.serve.response_schemas import (
     new_id,
     now_s,
 )
-from zllm.frontend.serve.state import ServerState
+from zllm.frontend.serve.state import ModelState
 from zllm.frontend.serve.streaming import merge, sse_response
 
 
@@ -58,9 +58,7 @@ async def create_completion(request: web.Request) -> web.StreamResponse:
     return json_response(CompletionResponse(choices=choices, usage=usage, **head))
 
 
-async def _chunks(
-    state: ServerState, body: CompletionRequest, head: dict, outputs
-) -> AsyncIterator:
+async def _chunks(state: ModelState, body: CompletionRequest, head: dict, outputs) -> AsyncIterator:
     n = body.n
     prompt_tokens: dict[int, int] = {}
     completion_tokens = 0

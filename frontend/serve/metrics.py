@@ -99,16 +99,17 @@ class ServerMetrics:
             self.engine.stats = stats
         return generate_latest(self.registry)
 
-    def timer(self) -> RequestTimer:
-        return RequestTimer(self)
+    def timer(self, model_name: str | None = None) -> RequestTimer:
+        """A timer for one request to `model_name` (None: the first model)."""
+        return RequestTimer(self, model_name or self.model_name)
 
 
 class RequestTimer:
     """Observes one request as its outputs reach the server."""
 
-    def __init__(self, metrics: ServerMetrics) -> None:
+    def __init__(self, metrics: ServerMetrics, model_name: str) -> None:
         self.metrics = metrics
-        self.labels = {"model_name": metrics.model_name}
+        self.labels = {"model_name": model_name}
         self.arrival = self.last = time.monotonic()
         self.first_seen = False
         self.tokens = 0

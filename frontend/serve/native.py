@@ -23,7 +23,7 @@ from zllm.frontend.serve.request_schemas import (
     TokenizeRequest,
 )
 from zllm.frontend.serve.response_schemas import ModelCard, ModelList, UsageInfo
-from zllm.frontend.serve.state import STATE, ServerState
+from zllm.frontend.serve.state import STATE, ModelState, ServerState
 from zllm.frontend.serve.streaming import merge, ndjson_response
 
 HEALTH_TIMEOUT_S = 5.0
@@ -100,15 +100,25 @@ async def _lines(outputs: AsyncIterator[tuple[int, RequestOutput]]) -> AsyncIter
 
 
 async def health(request: web.Request) -> web.Response:
-    """200 while engine-core and its workers answer, 503 once the engine is dead."""
-    engine = request.app[STATE].engine
-    if engine.errored:
-        raise engine_dead(str(engine.dead_error))
-    try:
-        await asyncio.wait_for(engine.check_health(), HEALTH_TIMEOUT_S)
-    except Exception as e:
-        raise engine_dead(f"the engine did not pass its health check: {e}") from None
-    return web.Response(status=200)
+    """Per served model: its live and dead replicas. 200 while every model (or the one named
+    by `?model=`) has a live replica whose engine-core and workers answer, else 503."""
+    state = request.app[STATE]
+    asked = request.query.get("model")
+    names = state.served_names if asked is None else [state.check_model(asked).model_name]
+    report = state.router.health()
+    for name in names:
+        served = state.models[name].served
+        try:
+            await asyncio.wait_for(state.router.check_health(served.name), HEALTH_TIMEOUT_S)
+        except Exception as e:
+            raise engine_dead(
+                f"model {name!r} did not pass its health check: {e}"
+                if len(names) > 1
+                else f"the engine did not pass its health check: {e}"
+            ) from None
+    return json_response(
+        {"models": {name: report[state.models[name].served.name] for name in names}}
+    )
 
 
 async def version(request: web.Request) -> web.Response:
@@ -118,11 +128,12 @@ async def version(request: web.Request) -> web.Response:
 
 
 def model_list(state: ServerState) -> ModelList:
-    root = state.engine.model_config.model
     return ModelList(
         data=[
-            ModelCard(id=name, created=state.created, root=root, max_model_len=state.max_model_len)
-            for name in state.served_names
+            ModelCard(
+                id=name, created=state.created, root=model.root, max_model_len=model.max_model_len
+            )
+            for name, model in state.models.items()
         ]
     )
 
@@ -131,7 +142,7 @@ async def models(request: web.Request) -> web.Response:
     return json_response(model_list(request.app[STATE]))
 
 
-def _tokenizer(state: ServerState):
+def _tokenizer(state: ModelState):
     if state.tokenizer is None:
         raise APIError(400, "this server has no tokenizer (--skip-tokenizer-init)")
     return state.tokenizer
@@ -139,9 +150,8 @@ def _tokenizer(state: ServerState):
 
 async def tokenize(request: web.Request) -> web.Response:
     """`prompt` (text) or `messages` (through the chat template) as token ids."""
-    state = request.app[STATE]
     body: TokenizeRequest = await read_json(request, TokenizeRequest)
-    state.check_model(body.model)
+    state = await request.app[STATE].wait_model(body.model)
     tokenizer = _tokenizer(state)
     if (body.prompt is None) == (body.messages is None):
         raise bad_request("give either prompt or messages", "prompt")
@@ -157,9 +167,8 @@ async def tokenize(request: web.Request) -> web.Response:
 
 
 async def detokenize(request: web.Request) -> web.Response:
-    state = request.app[STATE]
     body: DetokenizeRequest = await read_json(request, DetokenizeRequest)
-    state.check_model(body.model)
+    state = await request.app[STATE].wait_model(body.model)
     tokenizer = _tokenizer(state)
     vocab = state.engine.model_config.get_vocab_size()
     bad = next((i for i, t in enumerate(body.tokens) if not 0 <= t < vocab), None)
@@ -174,9 +183,10 @@ async def detokenize(request: web.Request) -> web.Response:
 async def metrics(request: web.Request) -> web.Response:
     state = request.app[STATE]
     stats = None
-    if not state.engine.errored:
-        try:
-            stats = await asyncio.wait_for(state.engine.get_stats(), HEALTH_TIMEOUT_S)
+    first = state.models[state.model_name].served if state.models else None
+    if first is not None and first.live():
+        try:  # the first model's first live replica (engine gauges carry one model_name)
+            stats = await asyncio.wait_for(first.engine.get_stats(), HEALTH_TIMEOUT_S)
         except Exception:  # a dead engine still has the server's own metrics to show
             stats = None
     return web.Response(body=state.metrics.render(stats), headers={"Content-Type": CONTENT_TYPE})

@@ -10,7 +10,7 @@ import signal
 
 from aiohttp import web
 
-from zllm.frontend.async_llm import AsyncLLM
+from zllm.frontend.engine_router import EngineRouter, EngineSpec
 from zllm.frontend.serve.app import build_app
 from zllm.frontend.serve.state import ServeConfig, ServerState
 from zllm.protocol.config import EngineArgs
@@ -37,13 +37,9 @@ async def serve_app(state: ServerState) -> int:
     received: list[str] = []
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, lambda s=sig: (received.append(s.name), stop.set()))
-    logger.info(
-        "zllm serve: %s as %s on http://%s:%d",
-        state.engine.model_config.model,
-        ", ".join(state.served_names),
-        config.host,
-        config.port,
-    )
+    for name, model in state.models.items():
+        logger.info("serving %s as %s (%d replicas)", model.root, name, len(model.served.replicas))
+    logger.info("zllm serve: on http://%s:%d", config.host, config.port)
     await stop.wait()
     logger.info(
         "%s: stopping (in-flight requests get %.0f s)", received[0], config.shutdown_timeout
@@ -57,30 +53,37 @@ async def graceful_stop(runner: web.AppRunner, state: ServerState) -> None:
     for site in list(runner.sites):
         await site.stop()  # no new connections
     timeout = state.config.shutdown_timeout
+    if state.loading:  # a model loading now is served (and stopped with the rest) first
+        await asyncio.wait([asyncio.shield(f) for f in state.loading.values()], timeout=timeout)
     if not await state.wait_idle(timeout):
         state.abort_reason = (
             f"the server is shutting down: the request was aborted after --shutdown-timeout "
             f"{timeout:g} s"
         )
         logger.warning("aborting %d requests still running", len(state.active))
-        await state.engine.abort(list(state.active))
+        await state.router.abort(list(state.active))
         await state.wait_idle(DRAIN_AFTER_ABORT_S)
     for ws in list(state.websockets):
         await ws.close(code=1001, message=b"the server is shutting down")
     await runner.cleanup()
 
 
-async def serve(engine_args: EngineArgs, config: ServeConfig) -> int:
-    """Start the engine (or attach to `engine_core_address`), serve, stop; the exit code.
-    The engine starts in this coroutine: nothing else runs on the loop before it serves."""
-    engine = AsyncLLM(engine_args)
+async def serve(
+    specs: list[EngineSpec], config: ServeConfig, engine_args: EngineArgs | None = None
+) -> int:
+    """Start the engines (or attach to daemons), serve, stop; the exit code. The engines
+    start in this coroutine: nothing else runs on the loop before it serves. `engine_args`:
+    the engine options of models loaded at run time (`POST /admin/models`)."""
+    router = EngineRouter.start(specs)
     try:
-        return await serve_app(ServerState(engine, config))
+        return await serve_app(ServerState(router, config, engine_args))
     finally:
-        engine.shutdown()
+        router.shutdown()
 
 
-def run_server(engine_args: EngineArgs, config: ServeConfig) -> int:
+def run_server(
+    specs: list[EngineSpec], config: ServeConfig, engine_args: EngineArgs | None = None
+) -> int:
     from zllm.frontend.cli import run_async
 
-    return run_async(serve(engine_args, config))
+    return run_async(serve(specs, config, engine_args))

@@ -82,12 +82,12 @@ class WebSocketSession:
             raise bad_request(
                 f"request_id {request_id!r} is in use by a running request", "request_id"
             )
-        self.state.check_model(message.model)
-        self.state.check_task("generate", "/ws/generate")
+        model = self.state.check_model(message.model)
+        model.check_task("generate", "/ws/generate")
         params = native_params(message)
         engine_id = f"ws-{uuid.uuid4().hex}"
         self.engine_ids[request_id] = engine_id
-        outputs = self.state.generate(prompt_of(message), params, message.priority, engine_id)
+        outputs = model.generate(prompt_of(message), params, message.priority, engine_id)
         self.tasks[request_id] = asyncio.ensure_future(
             self._run(request_id, merge([outputs]), params.n, message.stream)
         )
@@ -96,7 +96,7 @@ class WebSocketSession:
         engine_id = self.engine_ids.get(request_id)
         if engine_id is None:
             raise bad_request(f"no running request has request_id {request_id!r}", "request_id")
-        await self.state.engine.abort(engine_id)  # its stream ends with finish_reason "abort"
+        await self.state.router.abort(engine_id)  # its stream ends with finish_reason "abort"
 
     async def _run(self, request_id: str, outputs: Any, n: int, stream: bool) -> None:
         head = {"type": "output", "request_id": request_id}

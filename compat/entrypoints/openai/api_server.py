@@ -15,8 +15,9 @@ from aiohttp import web
 
 from zllm.entrypoints.openai.cli_args import make_arg_parser
 from zllm.frontend.async_llm import AsyncLLM
+from zllm.frontend.engine_router import EngineRouter
 from zllm.frontend.serve.app import build_app as _build_app
-from zllm.frontend.serve.cli import engine_args_of, serve_config
+from zllm.frontend.serve.cli import engine_specs_of, serve_config
 from zllm.frontend.serve.server import serve
 from zllm.frontend.serve.state import ServerState
 
@@ -29,13 +30,22 @@ async def run_server(args: argparse.Namespace, **_uvicorn_kwargs: object) -> Non
             f"run_server: uvicorn options {sorted(_uvicorn_kwargs)} do not apply to zllm's "
             "aiohttp server"
         )
-    await serve(engine_args_of(args), serve_config(args))
+    from zllm.frontend.cli import engine_args_from
+
+    await serve(engine_specs_of(args), serve_config(args), engine_args_from(args))
 
 
 @contextlib.asynccontextmanager
 async def build_async_engine_client(args: argparse.Namespace) -> AsyncIterator[AsyncLLM]:
-    """The engine the server would use, shut down on exit."""
-    engine = AsyncLLM(engine_args_of(args))
+    """The engine the server would use, shut down on exit (one engine: several models or
+    replicas are `run_server`'s)."""
+    specs = engine_specs_of(args)
+    if len(specs) != 1 or specs[0].replicas != 1:
+        raise ValueError(
+            "build_async_engine_client starts one engine; --model twice, --engine or "
+            "--replicas need run_server"
+        )
+    engine = AsyncLLM(specs[0].engine_args)
     try:
         yield engine
     finally:
@@ -45,7 +55,8 @@ async def build_async_engine_client(args: argparse.Namespace) -> AsyncIterator[A
 def build_app(engine_client: AsyncLLM, args: argparse.Namespace) -> web.Application:
     """The aiohttp application over a running engine (vLLM's takes `args` alone and a
     FastAPI app comes back; here the engine is given and the app is aiohttp's)."""
-    return _build_app(ServerState(engine_client, serve_config(args)))
+    router = EngineRouter({engine_client.model_config.model: [engine_client]})
+    return _build_app(ServerState(router, serve_config(args)))
 
 
 __all__ = ["build_app", "build_async_engine_client", "make_arg_parser", "run_server"]
