@@ -21,7 +21,7 @@ from zllm.protocol.config import EngineArgs
 from zllm.protocol.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.timeout(120)
-GROUPS, PER_GROUP, PREFIX, SUFFIX = 8, 16, 256, 4
+GROUPS, PER_GROUP, PREFIX, SUFFIX = 8, 16, 500, 4
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +29,8 @@ def replicas(tiny_checkpoints):
     args = EngineArgs(
         model=tiny_checkpoints["llama"],
         distributed_executor_backend="uni",
-        kv_cache_memory_bytes=2**24,
-        max_model_len=512,
+        kv_cache_memory_bytes=2**25,
+        max_model_len=1024,
     )
     with single_threaded_engines():
         engines = [AsyncLLM(args) for _ in range(2)]
@@ -40,7 +40,7 @@ def replicas(tiny_checkpoints):
 
 
 async def _hit_rate(router: EngineRouter, first_token: int) -> float:
-    """8 groups x 16 requests sharing a 256-token prefix per group: the prefix-cache hit rate
+    """8 groups x 16 requests sharing a 500-token prefix per group: the prefix-cache hit rate
     summed over both replicas. Requests go out interleaved across groups (one of each group,
     then the next), the first of each group alone before the rest."""
     before = await router.get_stats()
