@@ -14,6 +14,8 @@ from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
+
 from zllm.frontend.async_llm import AsyncLLM
 from zllm.frontend.errors import EngineDeadError
 from zllm.frontend.input_processor import PromptType
@@ -112,6 +114,11 @@ class EngineSpec:
                 "address as its own engine"
             )
 
+    def replica_args(self, index: int) -> EngineArgs:
+        """Replica `index` runs on its own GPUs (the next `tensor_parallel_size` of them)."""
+        rank = self.engine_args.data_parallel_rank + index
+        return msgspec.structs.replace(self.engine_args, data_parallel_rank=rank)
+
 
 class EngineRouter:
     """Several models and replicas behind `generate()` / `encode()` with a `model` keyword.
@@ -150,8 +157,8 @@ class EngineRouter:
         started: list[AsyncLLM] = []
         try:
             for spec in specs:
-                for _ in range(spec.replicas):
-                    started.append(AsyncLLM(spec.engine_args))
+                for index in range(spec.replicas):
+                    started.append(AsyncLLM(spec.replica_args(index)))
                     name = spec.name or started[-1].model_config.model
                     engines.setdefault(name, []).append(started[-1])
         except BaseException:

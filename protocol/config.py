@@ -56,6 +56,9 @@ class EngineArgs(msgspec.Struct, kw_only=True):
     kv_cache_memory_bytes: int | None = None
     gpu_memory_utilization: float = 0.9
     tensor_parallel_size: int = 1
+    # Which replica of a model this engine is (`zllm serve --replicas`): its ranks take GPUs
+    # [r * tensor_parallel_size, (r + 1) * tensor_parallel_size). Replicas on the CPU share it.
+    data_parallel_rank: int = 0
     distributed_executor_backend: str = "mp"  # "mp": one worker process per rank; "uni": in-process
     # False: decode steps on CUDA replay CUDA graphs captured at start-up (worker/cuda_graphs.py)
     enforce_eager: bool = False
@@ -121,6 +124,8 @@ class EngineArgs(msgspec.Struct, kw_only=True):
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.data_parallel_rank < 0:
+            raise ValueError(f"data_parallel_rank must be >= 0, got {self.data_parallel_rank}")
         if self.distributed_executor_backend not in ("mp", "uni"):
             raise ValueError(
                 "distributed_executor_backend must be 'mp' or 'uni', "

@@ -124,3 +124,17 @@ def test_killed_replica_fails_its_streams_within_2s_and_survivor_serves(replicas
     assert all(result["later"])
     health = router.health()["m"]
     assert health == {"healthy": True, "replicas": ["m#1"], "reconnecting": [], "dead": ["m#0"]}
+
+
+def test_replicas_take_consecutive_gpus() -> None:
+    from zllm.frontend.engine_router import EngineSpec
+    from zllm.worker.worker import gpu_index
+
+    spec = EngineSpec("m", EngineArgs(model="x", tensor_parallel_size=2), replicas=2)
+    second = spec.replica_args(1)
+    assert [gpu_index(second, rank, 4) for rank in (0, 1)] == [2, 3]
+    assert [gpu_index(spec.replica_args(0), rank, 4) for rank in (0, 1)] == [0, 1]
+    with pytest.raises(ValueError, match="data_parallel_rank=1.*needs GPU 2, but this host has 2"):
+        gpu_index(second, 0, 2)
+    with pytest.raises(ValueError, match="data_parallel_rank"):
+        EngineArgs(data_parallel_rank=-1)

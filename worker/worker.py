@@ -36,6 +36,19 @@ DEFAULT_CPU_KV_CACHE_BYTES = 512 * 1024**2
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+def gpu_index(engine_args: EngineArgs, rank: int, num_gpus: int) -> int:
+    """The GPU of `rank` in replica `data_parallel_rank`: replicas take consecutive groups of
+    `tensor_parallel_size` GPUs."""
+    index = engine_args.data_parallel_rank * engine_args.tensor_parallel_size + rank
+    if index >= num_gpus:
+        raise ValueError(
+            f"data_parallel_rank={engine_args.data_parallel_rank} with tensor_parallel_size="
+            f"{engine_args.tensor_parallel_size}: rank {rank} needs GPU {index}, but this host "
+            f"has {num_gpus}; serve fewer replicas"
+        )
+    return index
+
+
 class Worker:
     CALLABLE = frozenset(
         {
@@ -63,7 +76,7 @@ class Worker:
         self.world_size = world_size
         device = engine_args.resolved_device()
         if device == "cuda":
-            device = f"cuda:{rank}"
+            device = f"cuda:{gpu_index(engine_args, rank, torch.cuda.device_count())}"
             torch.cuda.set_device(device)
         self.device = torch.device(device)
         dtype_name = engine_args.resolved_dtype(device)
