@@ -61,6 +61,24 @@ def _in_thread(fn, *args) -> tuple[threading.Thread, dict]:
     return thread, result
 
 
+def _ws_generate(url: str, message: dict, headers: dict) -> dict:
+    """One request over `/ws/generate`; its last message."""
+    import asyncio
+
+    import aiohttp
+
+    async def run() -> dict:
+        async with aiohttp.ClientSession(headers=headers) as session:
+            async with session.ws_connect(url + "/ws/generate") as ws:
+                await ws.send_json(message)
+                while True:
+                    reply = await ws.receive_json(timeout=120)
+                    if reply.get("finished") or reply.get("type") == "error":
+                        return reply
+
+    return asyncio.run(run())
+
+
 @pytest.fixture(scope="module")
 def server(tiny_checkpoints):
     with running_server(
@@ -91,8 +109,14 @@ def test_load_answers_a_request_that_arrived_during_the_load(server, tiny_checkp
     assert _call(url + "/v1/models", headers=user)[2]["data"][-1]["id"] != "second"
     asked = {"model": "second", "prompt": "The capital of France is", "max_tokens": 8}
     early, answered = _in_thread(_call, url + "/v1/completions", "POST", asked, user)
+    ws_asked = {"type": "generate", "request_id": "w", "model": "second", "prompt": "Hi"}
+    ws_asked.update(max_tokens=4, stream=False)
+    ws_early, ws_answered = _in_thread(_ws_generate, url, ws_asked, user)
     loader.join(120)
     early.join(120)
+    ws_early.join(120)
+    assert ws_answered["answer"].get("finished"), ws_answered["answer"]  # waited, not a 404
+    assert ws_answered["at"] >= loaded["at"] - 0.5
     assert loaded["answer"][0] == 200, loaded["answer"]
     status, _, answer = answered["answer"]
     assert status == 200 and answer["model"] == "second", answer

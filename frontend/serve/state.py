@@ -149,12 +149,7 @@ class ServerState:
                     headers={"Retry-After": str(RETRY_AFTER_S)},
                 ) from None
         if name in self.draining:
-            raise APIError(
-                503,
-                f"model {name!r} is being unloaded",
-                type="service_unavailable_error",
-                code="model_unloading",
-            )
+            raise _unloading(name)
         return self.check_model(name)
 
     def check_model(self, name: str | None) -> ModelState:
@@ -174,6 +169,12 @@ class ServerState:
         """One debug line per request (`--log-level debug`), with the caller's `user`."""
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("%s model=%s user=%r", route, body.model, getattr(body, "user", None))
+
+    def _still_served(self, model: ModelState) -> None:
+        """An unload that began after the request found its model: a 503, not a lookup error.
+        (No await between this and the router's own lookup.)"""
+        if model.served.name not in self.router.models:
+            raise _unloading(model.served.name)
 
     @contextlib.contextmanager
     def _in_flight(self, request_id: str, model: str):
@@ -199,6 +200,7 @@ class ServerState:
         request_id = request_id or f"srv-{uuid.uuid4().hex}"
         timer = self.metrics.timer(model.model_name)
         with self._in_flight(request_id, model.model_name):
+            self._still_served(model)
             outputs = self.router.generate(
                 prompt, params, request_id, model=model.served.name, priority=priority
             )
@@ -224,6 +226,7 @@ class ServerState:
         request_id = f"srv-{uuid.uuid4().hex}"
         timer = self.metrics.timer(model.model_name)
         with self._in_flight(request_id, model.model_name):
+            self._still_served(model)
             outputs = self.router.encode(
                 prompt, params, request_id, model=model.served.name, priority=priority
             )
@@ -247,3 +250,12 @@ class ServerState:
 
 
 STATE = web.AppKey("state", ServerState)
+
+
+def _unloading(name: str) -> APIError:
+    return APIError(
+        503,
+        f"model {name!r} is being unloaded",
+        type="service_unavailable_error",
+        code="model_unloading",
+    )

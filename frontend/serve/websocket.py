@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
@@ -82,15 +83,28 @@ class WebSocketSession:
             raise bad_request(
                 f"request_id {request_id!r} is in use by a running request", "request_id"
             )
-        model = self.state.check_model(message.model)
-        model.check_task("generate", "/ws/generate")
         params = native_params(message)
         engine_id = f"ws-{uuid.uuid4().hex}"
+        if message.model in self.state.loading:  # answered in its turn, once it is ready
+            outputs = self._when_loaded(message, params, engine_id)
+        else:
+            model = self.state.check_model(message.model)
+            model.check_task("generate", "/ws/generate")
+            outputs = model.generate(prompt_of(message), params, message.priority, engine_id)
         self.engine_ids[request_id] = engine_id
-        outputs = model.generate(prompt_of(message), params, message.priority, engine_id)
         self.tasks[request_id] = asyncio.ensure_future(
             self._run(request_id, merge([outputs]), params.n, message.stream)
         )
+
+    async def _when_loaded(self, message: Any, params: Any, engine_id: str) -> AsyncIterator[Any]:
+        """The outputs of a request for a model still loading: it waits as HTTP requests do
+        (`--load-wait-timeout`, then a 503 error reply), without holding up the socket."""
+        model = await self.state.wait_model(message.model)
+        model.check_task("generate", "/ws/generate")
+        outputs = model.generate(prompt_of(message), params, message.priority, engine_id)
+        async with contextlib.aclosing(outputs):
+            async for output in outputs:
+                yield output
 
     async def _cancel(self, request_id: str) -> None:
         engine_id = self.engine_ids.get(request_id)
