@@ -264,7 +264,11 @@ def test_a_flood_of_refused_requests_leaves_others_served(engine: AsyncLLM) -> N
         flood.kill()
     assert result["answered"] == result["sent"] == 10_000, "every refused request got its answer"
     assert len(during) >= 3, f"the flood took {result['seconds']:.2f} s: too short to measure"
-    assert statistics.median(during) <= 2 * idle, (idle, during)
+    # The idle baseline is taken before and after the flood: on a shared 2-core machine the
+    # rest of the suite's processes (a server still stopping) can slow everything for a while.
+    idle_after = statistics.median(_latencies(engine, 5))
+    baseline = max(idle, idle_after)
+    assert statistics.median(during) <= 2 * baseline, (idle, idle_after, during)
     assert peak - rss_before < 100 * 2**20, (
         f"engine-core grew by {(peak - rss_before) / 2**20:.0f} MiB"
     )
