@@ -7,6 +7,7 @@ thread, and each `await` waits on whichever loop is running it at that moment.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncGenerator
 from typing import Any
@@ -72,10 +73,14 @@ class AsyncLLM(EngineFrontend):
             tokenization_kwargs=tokenization_kwargs,
             data_parallel_rank=data_parallel_rank,
         )
-        async for output in self._generate_prepared(
+        # Closed here, not left to the garbage collector: leaving this loop early aborts the
+        # request before the caller's next message to the engine.
+        outputs = self._generate_prepared(
             self._prepare(prompt, sampling_params, request_id, priority)
-        ):
-            yield output
+        )
+        async with contextlib.aclosing(outputs):
+            async for output in outputs:
+                yield output
 
     async def _generate_prepared(
         self, request: ProcessedRequest
@@ -117,12 +122,14 @@ class AsyncLLM(EngineFrontend):
         request; a request aborted with `abort()` ends without an output.
         """
         _refuse_unsupported(lora_request=lora_request)
-        async for output in self._encode_prepared(
+        outputs = self._encode_prepared(
             self._prepare_pooling(
                 prompt, pooling_params, request_id, truncate_prompt_tokens, priority
             )
-        ):
-            yield output
+        )
+        async with contextlib.aclosing(outputs):
+            async for output in outputs:
+                yield output
 
     async def _encode_prepared(
         self, request: ProcessedRequest

@@ -9,6 +9,7 @@ pool; new requests go to the survivors."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
@@ -221,8 +222,9 @@ class EngineRouter:
         replica.in_flight.add(request.request_id)
         self._owner[request.request_id] = replica
         try:
-            async for output in run(replica.engine, request):
-                yield output
+            async with contextlib.aclosing(run(replica.engine, request)) as outputs:
+                async for output in outputs:
+                    yield output
         except EngineDeadError as e:
             served.live()  # the dead replica leaves the pool now
             raise EngineDeadError(
@@ -244,8 +246,11 @@ class EngineRouter:
         """`AsyncLLM.generate` on a replica of `model` (None: the first model)."""
         served = self.model(model)
         request = served.engine._prepare(prompt, sampling_params, request_id, priority)
-        async for output in self._routed(served, request, AsyncLLM._generate_prepared):
-            yield output
+        async with contextlib.aclosing(
+            self._routed(served, request, AsyncLLM._generate_prepared)
+        ) as outputs:
+            async for output in outputs:
+                yield output
 
     async def encode(
         self,
@@ -259,8 +264,11 @@ class EngineRouter:
         """`AsyncLLM.encode` on a replica of `model` (None: the first model)."""
         served = self.model(model)
         request = served.engine._prepare_pooling(prompt, pooling_params, request_id, None, priority)
-        async for output in self._routed(served, request, AsyncLLM._encode_prepared):
-            yield output
+        async with contextlib.aclosing(
+            self._routed(served, request, AsyncLLM._encode_prepared)
+        ) as outputs:
+            async for output in outputs:
+                yield output
 
     async def abort(self, request_id: str | list[str]) -> None:
         ids = [request_id] if isinstance(request_id, str) else list(request_id)

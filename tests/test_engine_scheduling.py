@@ -14,6 +14,7 @@ import random
 import pytest
 
 from zllm import LLM, AsyncLLM, EngineArgs, SamplingParams
+from zllm.frontend.engine_router import EngineRouter
 from zllm.frontend.input_processor import ProcessedRequest
 from zllm.protocol.config import ModelConfig
 from zllm.protocol.messages import SchedulerStats
@@ -225,6 +226,29 @@ def test_engine_core_refuses_what_can_never_fit(prefix_llm) -> None:
 
 
 # ---- aborts give every block back ------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_leaving_the_loop_aborts_before_the_next_call(llama) -> None:
+    """Closing the stream sends the abort at once, not when the garbage collector gets to
+    the generators inside it: the engine has forgotten the request by the caller's next call."""
+    params = SamplingParams(max_tokens=500, temperature=0, ignore_eos=True)
+
+    async def main() -> None:
+        llm = AsyncLLM(EngineArgs(model=llama, distributed_executor_backend="uni"))
+        try:
+            router = EngineRouter({"m": [llm]})  # the same, through the router's generators
+            for i, front in enumerate([llm, llm, router, router]):
+                outputs = front.generate({"prompt_token_ids": [5, 6, 7]}, params, f"r{i}")
+                async with contextlib.aclosing(outputs):
+                    async for _ in outputs:
+                        break
+                stats = await llm.get_stats()
+                assert (stats.num_running, stats.num_waiting, stats.kv_blocks_used) == (0, 0, 0)
+        finally:
+            llm.shutdown()
+
+    asyncio.run(main())
 
 
 @pytest.mark.timeout(180)

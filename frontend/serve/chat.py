@@ -4,6 +4,7 @@ role, the last its finish reason; `include_usage` adds a usage chunk with no cho
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -93,43 +94,46 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
 async def _chunks(
     state: ModelState, body: ChatCompletionRequest, head: dict, outputs
 ) -> AsyncIterator[ChatCompletionChunk]:
-    options = body.stream_options
-    continuous = options is not None and options.continuous_usage_stats
-    top = body.top_logprobs or 0
-    prompt_tokens = completion_tokens = 0
-    started = False
-    async for _, output in outputs:
-        prompt_tokens = len(output.prompt_token_ids)
-        usage = UsageInfo.of(prompt_tokens, completion_tokens) if continuous else None
-        if not started:  # the first engine output exists: the request was accepted
-            started = True
-            for i in range(body.n):
+    async with contextlib.aclosing(outputs):  # leaving early aborts the request now
+        options = body.stream_options
+        continuous = options is not None and options.continuous_usage_stats
+        top = body.top_logprobs or 0
+        prompt_tokens = completion_tokens = 0
+        started = False
+        async for _, output in outputs:
+            prompt_tokens = len(output.prompt_token_ids)
+            usage = UsageInfo.of(prompt_tokens, completion_tokens) if continuous else None
+            if not started:  # the first engine output exists: the request was accepted
+                started = True
+                for i in range(body.n):
+                    yield ChatCompletionChunk(
+                        choices=[
+                            ChatStreamChoice(index=i, delta=DeltaMessage(role=ROLE, content=""))
+                        ],
+                        usage=usage,
+                        **head,
+                    )
+            for completion in output.outputs:
+                completion_tokens += len(completion.token_ids)
+                logprobs = None
+                if body.logprobs:
+                    logprobs = chat_logprobs(
+                        completion.token_ids, completion.logprobs or [], top, state.tokenizer
+                    )
                 yield ChatCompletionChunk(
-                    choices=[ChatStreamChoice(index=i, delta=DeltaMessage(role=ROLE, content=""))],
-                    usage=usage,
+                    choices=[
+                        ChatStreamChoice(
+                            index=completion.index,
+                            delta=DeltaMessage(content=completion.text),
+                            logprobs=logprobs,
+                            finish_reason=completion.finish_reason,
+                            stop_reason=completion.stop_reason,
+                        )
+                    ],
+                    usage=UsageInfo.of(prompt_tokens, completion_tokens) if continuous else None,
                     **head,
                 )
-        for completion in output.outputs:
-            completion_tokens += len(completion.token_ids)
-            logprobs = None
-            if body.logprobs:
-                logprobs = chat_logprobs(
-                    completion.token_ids, completion.logprobs or [], top, state.tokenizer
-                )
+        if options is not None and options.include_usage:
             yield ChatCompletionChunk(
-                choices=[
-                    ChatStreamChoice(
-                        index=completion.index,
-                        delta=DeltaMessage(content=completion.text),
-                        logprobs=logprobs,
-                        finish_reason=completion.finish_reason,
-                        stop_reason=completion.stop_reason,
-                    )
-                ],
-                usage=UsageInfo.of(prompt_tokens, completion_tokens) if continuous else None,
-                **head,
+                choices=[], usage=UsageInfo.of(prompt_tokens, completion_tokens), **head
             )
-    if options is not None and options.include_usage:
-        yield ChatCompletionChunk(
-            choices=[], usage=UsageInfo.of(prompt_tokens, completion_tokens), **head
-        )

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 
 from aiohttp import web
@@ -59,51 +60,62 @@ async def create_completion(request: web.Request) -> web.StreamResponse:
 
 
 async def _chunks(state: ModelState, body: CompletionRequest, head: dict, outputs) -> AsyncIterator:
-    n = body.n
-    prompt_tokens: dict[int, int] = {}
-    completion_tokens = 0
-    offsets: dict[int, int] = {}  # choice index -> text offset so far (logprobs)
-    options = body.stream_options
-    continuous = options is not None and options.continuous_usage_stats
-    async for p, output in outputs:
-        prompt_tokens.setdefault(p, len(output.prompt_token_ids))
-        for completion in output.outputs:
-            index = p * n + completion.index
-            text, token_ids, positions = completion.text, completion.token_ids, completion.logprobs
-            first = index not in offsets
-            if first and body.echo:
-                text = prompt_text(output.prompt, output.prompt_token_ids, state.tokenizer) + text
-                if body.logprobs is not None:
-                    token_ids = output.prompt_token_ids + token_ids
-                    positions = (output.prompt_logprobs or []) + (positions or [])
-            completion_tokens += len(completion.token_ids)
-            logprobs = None
-            if body.logprobs is not None:
-                logprobs = completion_logprobs(
-                    token_ids,
-                    positions or [],
-                    body.logprobs,
-                    state.tokenizer,
-                    offsets.get(index, 0),
+    async with contextlib.aclosing(outputs):  # leaving early aborts the request now
+        n = body.n
+        prompt_tokens: dict[int, int] = {}
+        completion_tokens = 0
+        offsets: dict[int, int] = {}  # choice index -> text offset so far (logprobs)
+        options = body.stream_options
+        continuous = options is not None and options.continuous_usage_stats
+        async for p, output in outputs:
+            prompt_tokens.setdefault(p, len(output.prompt_token_ids))
+            for completion in output.outputs:
+                index = p * n + completion.index
+                text, token_ids, positions = (
+                    completion.text,
+                    completion.token_ids,
+                    completion.logprobs,
                 )
-            offsets[index] = offsets.get(index, 0) + len(text)
-            usage = (
-                UsageInfo.of(sum(prompt_tokens.values()), completion_tokens) if continuous else None
-            )
-            yield CompletionResponse(
-                choices=[
-                    CompletionChoice(
-                        index=index,
-                        text=text,
-                        logprobs=logprobs,
-                        finish_reason=completion.finish_reason,
-                        stop_reason=completion.stop_reason,
+                first = index not in offsets
+                if first and body.echo:
+                    text = (
+                        prompt_text(output.prompt, output.prompt_token_ids, state.tokenizer) + text
                     )
-                ],
-                usage=usage,
+                    if body.logprobs is not None:
+                        token_ids = output.prompt_token_ids + token_ids
+                        positions = (output.prompt_logprobs or []) + (positions or [])
+                completion_tokens += len(completion.token_ids)
+                logprobs = None
+                if body.logprobs is not None:
+                    logprobs = completion_logprobs(
+                        token_ids,
+                        positions or [],
+                        body.logprobs,
+                        state.tokenizer,
+                        offsets.get(index, 0),
+                    )
+                offsets[index] = offsets.get(index, 0) + len(text)
+                usage = (
+                    UsageInfo.of(sum(prompt_tokens.values()), completion_tokens)
+                    if continuous
+                    else None
+                )
+                yield CompletionResponse(
+                    choices=[
+                        CompletionChoice(
+                            index=index,
+                            text=text,
+                            logprobs=logprobs,
+                            finish_reason=completion.finish_reason,
+                            stop_reason=completion.stop_reason,
+                        )
+                    ],
+                    usage=usage,
+                    **head,
+                )
+        if options is not None and options.include_usage:
+            yield CompletionResponse(
+                choices=[],
+                usage=UsageInfo.of(sum(prompt_tokens.values()), completion_tokens),
                 **head,
             )
-    if options is not None and options.include_usage:
-        yield CompletionResponse(
-            choices=[], usage=UsageInfo.of(sum(prompt_tokens.values()), completion_tokens), **head
-        )

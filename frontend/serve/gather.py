@@ -4,6 +4,7 @@ so its metrics see every token as it comes)."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -40,15 +41,16 @@ class PromptResult:
 async def gather(
     outputs: AsyncIterator[tuple[int, RequestOutput]], num_prompts: int, n: int
 ) -> list[PromptResult]:
-    results = [PromptResult(choices=[Choice() for _ in range(n)]) for _ in range(num_prompts)]
-    async for index, output in outputs:
-        result = results[index]
-        result.prompt, result.prompt_token_ids = output.prompt, output.prompt_token_ids
-        if output.prompt_logprobs is not None:
-            result.prompt_logprobs = output.prompt_logprobs
-        for completion in output.outputs:
-            result.choices[completion.index].add(completion)
-    return results
+    async with contextlib.aclosing(outputs):  # leaving early aborts the request now
+        results = [PromptResult(choices=[Choice() for _ in range(n)]) for _ in range(num_prompts)]
+        async for index, output in outputs:
+            result = results[index]
+            result.prompt, result.prompt_token_ids = output.prompt, output.prompt_token_ids
+            if output.prompt_logprobs is not None:
+                result.prompt_logprobs = output.prompt_logprobs
+            for completion in output.outputs:
+                result.choices[completion.index].add(completion)
+        return results
 
 
 def prompt_text(prompt: str | None, prompt_token_ids: list[int], tokenizer) -> str:

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -85,18 +86,19 @@ async def generate(request: web.Request) -> web.StreamResponse:
 
 
 async def _lines(outputs: AsyncIterator[tuple[int, RequestOutput]]) -> AsyncIterator[dict]:
-    completion_tokens = 0
-    async for _, output in outputs:
-        completion_tokens += sum(len(c.token_ids) for c in output.outputs)
-        line: dict[str, Any] = {
-            "outputs": [output_json(c.index, c) for c in output.outputs],
-            "finished": output.finished,
-        }
-        if output.prompt_logprobs is not None:
-            line["prompt_logprobs"] = positions_json(output.prompt_logprobs)
-        if output.finished:
-            line["usage"] = UsageInfo.of(len(output.prompt_token_ids), completion_tokens)
-        yield line
+    async with contextlib.aclosing(outputs):  # leaving early aborts the request now
+        completion_tokens = 0
+        async for _, output in outputs:
+            completion_tokens += sum(len(c.token_ids) for c in output.outputs)
+            line: dict[str, Any] = {
+                "outputs": [output_json(c.index, c) for c in output.outputs],
+                "finished": output.finished,
+            }
+            if output.prompt_logprobs is not None:
+                line["prompt_logprobs"] = positions_json(output.prompt_logprobs)
+            if output.finished:
+                line["usage"] = UsageInfo.of(len(output.prompt_token_ids), completion_tokens)
+            yield line
 
 
 async def health(request: web.Request) -> web.Response:
