@@ -12,11 +12,11 @@ import sys
 from pathlib import Path
 
 from zllm.bench.shapes import SHAPES
+from zllm.protocol.process import set_openmp_waits
 
-# Before torch loads (OpenMP reads it then): the peer and the in-process profile run with the
-# same sleeping OpenMP waits as the engine's processes (`protocol/process.py`), or busy-waiting
-# threads on a shared CPU would make them 10x slower than they are.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Before torch loads (OpenMP reads it then): the peer and the in-process profile wait between
+# ops as the engine's processes do (`protocol/process.py`).
+set_openmp_waits(os.environ)
 
 # Engine options a benchmark decides itself.
 _FIXED = ("model", "tokenizer", "load_format", "skip_tokenizer_init", "seed", "engine_core_address")

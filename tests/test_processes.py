@@ -179,3 +179,15 @@ def test_zllm_chat_answers_each_turn_and_exits(tiny_checkpoints: dict[str, str])
     assert len(turns) == 4, result.stdout
     assert turns[1] == turns[3] == "", "an empty line and /exit get no answer"
     assert all(t.endswith("\n") and t.strip() for t in (turns[0], turns[2])), turns
+
+
+def test_openmp_waits_spin_briefly_unless_the_user_chose() -> None:
+    from zllm.protocol.process import set_openmp_waits
+
+    env: dict[str, str] = {}
+    set_openmp_waits(env)
+    assert env == {"GOMP_SPINCOUNT": "10000"}
+    for chosen in ({"OMP_WAIT_POLICY": "PASSIVE"}, {"GOMP_SPINCOUNT": "5"}):
+        env = dict(chosen)
+        set_openmp_waits(env)
+        assert env == chosen

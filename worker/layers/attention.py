@@ -7,8 +7,10 @@ layer calls. The torch backend here is the CPU default and the oracle the Triton
 
 The KV cache of a layer is `[2, num_blocks, block_size, kv_heads, head_dim]`. Each step
 first writes the batch's new K/V into their slots, then every query attends to its own
-sequence's blocks. Decodes (one query each) run as one batched call; prompt chunks run one
-call each, with a causal mask offset by the tokens already cached.
+sequence's blocks. Decodes (one query each) run as a few batched calls, grouped by context
+length so that short contexts are not padded to the longest (the padded gather and softmax
+are most of a CPU decode step's attention); prompt chunks run one call each, with a causal
+mask offset by the tokens already cached.
 """
 
 from __future__ import annotations
@@ -70,11 +72,22 @@ class PrefillSeq:
 
 
 @dataclass
+class DecodeGroup:
+    """Single-token chunks of similar context length, attended in one call."""
+
+    rows: torch.Tensor  # [Bd] their batch rows
+    block_table: torch.Tensor  # [Bd, blocks] covering the longest context of the group
+    mask: torch.Tensor  # [Bd, 1, 1, blocks * block_size] True where a key is visible
+
+
+DECODE_GROUP_ROWS = 64  # decodes per group at least (fewer calls would not pay)
+MAX_DECODE_GROUPS = 4
+
+
+@dataclass
 class TorchAttentionMetadata:
     slot_mapping: torch.Tensor  # [T] flat slot of each new token
-    decode_rows: torch.Tensor | None  # [Bd] batch rows of single-token chunks
-    decode_block_table: torch.Tensor | None  # [Bd, max_blocks]
-    decode_mask: torch.Tensor | None  # [Bd, 1, 1, max_ctx] True where a key is visible
+    decodes: list[DecodeGroup]
     prefills: list[PrefillSeq]
 
     @classmethod
@@ -93,27 +106,37 @@ class TorchAttentionMetadata:
                 mask = torch.arange(ctx, device=device).unsqueeze(0) <= q_pos
             used = inputs.block_table[i, : -(-ctx // block_size)]
             prefills.append(PrefillSeq(row, end, ctx, to_device(used, torch.long, device), mask))
-        decode_rows_t = decode_table = decode_mask = None
         decodes = np.flatnonzero(single)
-        if len(decodes):
-            lens = seq_lens[decodes]
-            width = -(-int(lens.max()) // block_size)
-            decode_rows_t = to_device(inputs.query_start[decodes], torch.long, device)
-            decode_table = to_device(inputs.block_table[decodes, :width], torch.long, device)
-            lens_t = to_device(lens, torch.long, device)
-            decode_mask = (torch.arange(width * block_size, device=device) < lens_t.unsqueeze(1))[
-                :, None, None, :
-            ]
+        decodes = decodes[np.argsort(seq_lens[decodes], kind="stable")]
+        num_groups = min(MAX_DECODE_GROUPS, max(1, len(decodes) // DECODE_GROUP_ROWS))
+        groups = [
+            _decode_group(inputs, members, block_size, device)
+            for members in np.array_split(decodes, num_groups)
+            if len(members)
+        ]
         return cls(
             slot_mapping=to_device(inputs.slot_mapping, torch.long, device),
-            decode_rows=decode_rows_t,
-            decode_block_table=decode_table,
-            decode_mask=decode_mask,
+            decodes=groups,
             prefills=prefills,
         )
 
     def attend(self, q, k, v, kv_cache, scale) -> torch.Tensor:
         return paged_attention(q, k, v, kv_cache, self, scale)
+
+
+def _decode_group(
+    inputs: StepInputs, members: np.ndarray, block_size: int, device: torch.device
+) -> DecodeGroup:
+    lens = inputs.seq_lens[members]
+    width = -(-int(lens.max()) // block_size)
+    lens_t = to_device(lens, torch.long, device)
+    return DecodeGroup(
+        rows=to_device(inputs.query_start[members], torch.long, device),
+        block_table=to_device(inputs.block_table[members, :width], torch.long, device),
+        mask=(torch.arange(width * block_size, device=device) < lens_t.unsqueeze(1))[
+            :, None, None, :
+        ],
+    )
 
 
 def paged_attention(
@@ -154,14 +177,14 @@ def paged_attention(
         )
         out[seq.start : seq.end] = o.squeeze(0).transpose(0, 1)
 
-    if meta.decode_rows is not None:
-        table = meta.decode_block_table
-        bd, width = table.shape
-        qd = q[meta.decode_rows].unsqueeze(2)  # [Bd, H, 1, D]
-        kvd = gather(table).view(2, bd, width * block_size, num_kv_heads, head_dim)
+    group_size = num_heads // num_kv_heads
+    for group in meta.decodes:
+        bd, width = group.block_table.shape
+        # The query heads sharing a KV head attend as that head's `group_size` queries: no
+        # copy of K/V per query head, as `enable_gqa` would make.
+        qd = q[group.rows].view(bd, num_kv_heads, group_size, head_dim)
+        kvd = gather(group.block_table).view(2, bd, width * block_size, num_kv_heads, head_dim)
         kd, vd = kvd.transpose(2, 3).unbind(0)  # [Bd, Hkv, L, D] each
-        o = F.scaled_dot_product_attention(
-            qd, kd, vd, attn_mask=meta.decode_mask, scale=scale, enable_gqa=gqa
-        )
-        out[meta.decode_rows] = o.squeeze(2)
+        o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=group.mask, scale=scale)
+        out[group.rows] = o.reshape(bd, num_heads, head_dim)
     return out

@@ -22,6 +22,7 @@ from zllm.worker.layers.linear import (
     VocabParallelEmbedding,
     gather_vocab,
     tp_size,
+    vocab_logits,
 )
 from zllm.worker.layers.norm import RMSNorm
 from zllm.worker.layers.rotary import RotaryEmbedding
@@ -189,7 +190,7 @@ class LlamaForCausalLM(Model):
         if not self.generates:
             return super().logits(hidden)
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return gather_vocab(nn.functional.linear(hidden, weight).float(), self.config.vocab_size)
+        return gather_vocab(vocab_logits(hidden, weight).float(), self.config.vocab_size)
 
     def load_weight(self, name: str, tensor: CheckpointTensor) -> str | None:
         if "rotary_emb" in name or (name == "lm_head.weight" and self.lm_head is None):
