@@ -18,7 +18,7 @@ from zllm.protocol.config import EngineArgs, ModelConfig
 from zllm.protocol.pooling_params import PoolingParams
 from zllm.protocol.sampling_params import SamplingParams
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4  # 4: AddRequest.priority, RequestUpdate.queue_time
 
 # The largest frame engine-core reads; larger ones are refused unread (and ZeroMQ drops a
 # connection that sends more than twice this). Clients split their batches below it.
