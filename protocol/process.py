@@ -37,10 +37,10 @@ def spawn_env() -> dict[str, str]:
 def set_openmp_waits(env: MutableMapping[str, str]) -> None:
     """How OpenMP's threads wait between the ops of a step, unless the user said.
 
-    A short spin (~0.1 ms) before sleeping: waking a sleeping thread for each of a CPU step's
-    hundreds of ops cost ~20% of the tiny benchmark's time (`OMP_WAIT_POLICY=PASSIVE`: 2,205
-    vs 2,933 output tok/s on 2 cores), while OpenMP's default spin (30x longer) takes the
-    cores from every other process on a small machine (a 10x slowdown seen with 2 cores).
+    A short spin before sleeping: waking sleeping threads for each of a CPU step's hundreds of
+    ops slows the worker (`OMP_WAIT_POLICY=PASSIVE` lost every pair of runs of the CPU tiny
+    benchmark, by 2-30%: bench/RESULTS.md), while OpenMP's default spin (30x longer) takes
+    the cores from every other process on a small machine (a 10x slowdown seen with 2 cores).
     """
     if "OMP_WAIT_POLICY" not in env:
         env.setdefault("GOMP_SPINCOUNT", "10000")
