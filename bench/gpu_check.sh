@@ -28,6 +28,11 @@
 #            processes <= 1.1x the worker's step time
 #   busy     Qwen2.5-0.5B, 256 requests decoding: the worker's step, GPU busy share (bar:
 #            >= 90%), and the same 256 requests through LLM for the engine's tok/s
+#   serve    Llama-3.1-8B shape behind `zllm serve` (random weights, no tokenizer): `zllm bench
+#            serve`, 1024 in / 128 out, at 4 and 16 requests/s (TTFT/TPOT p50/p99)
+#   embed    all-MiniLM-L6-v2, 10,000 sentences: zllm `LLM.embed` vs sentence-transformers
+#            `encode` (goal >= 3x); needs the model carried as .models/all-minilm-l6-v2
+#            (`python3 bench/carry_model.py` here, then carry .models)
 #   tp       (2 GPUs) Llama-3.1-8B shape: greedy first tokens TP=2 == TP=1 in float32 and
 #            killing a rank (tests/test_tensor_parallel.py, tests/test_faults.py on NCCL); bs1
 #            decode TP=1 vs TP=2 (bar: TP=2 >= 1.3x faster); 1000 x 256/256 at TP=1 and TP=2
@@ -101,6 +106,25 @@ for stage in "${stages[@]}"; do
             --context-len 256 --json
         run busy "${ZLLM[@]}" bench throughput --shape qwen2.5-0.5b --num-prompts 256 \
             --input-len 256 --output-len 256 --json ;;
+    serve)
+        shape_dir=$(python3 -c "from pathlib import Path; from zllm.bench.shapes import write_shape
+print(write_shape('llama-3.1-8b', Path('/tmp/shape-llama-3.1-8b')))")
+        "${ZLLM[@]}" serve "$shape_dir" --load-format dummy --skip-tokenizer-init \
+            --max-model-len 4096 --port 8199 > "$OUT/serve-server.log" 2>&1 &
+        server=$!
+        for _ in $(seq 300); do
+            curl -sf http://127.0.0.1:8199/health > /dev/null && break
+            sleep 1
+        done
+        for rate in 4:200 16:400; do
+            run serve "${ZLLM[@]}" bench serve --base-url http://127.0.0.1:8199 \
+                --input-len 1024 --output-len 128 --vocab-size 128256 \
+                --request-rate "${rate%%:*}" --num-prompts "${rate##*:}" --json
+        done
+        kill -TERM $server; wait $server ;;
+    embed)
+        run embed python3 bench/embed_throughput.py --model .models/all-minilm-l6-v2 \
+            --num-sentences 10000 --device cuda ;;
     tp)
         run tp python3 -m pytest -q -p no:cacheprovider tests/test_tensor_parallel.py \
             tests/test_faults.py
