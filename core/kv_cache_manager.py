@@ -174,9 +174,11 @@ class KVCacheManager:
         Safe before the step runs: every layer writes the whole batch's KV before any
         attention reads it, so a request that hits a block in the same step sees it filled.
         """
+        start = self.req_num_cached.get(request.key, 0)
+        if num_tokens // self.block_size <= start:  # no block filled (most decode steps)
+            return
         owned = self.req_blocks[request.key]
         hashes = self._hashes(request)
-        start = self.req_num_cached.get(request.key, 0)
         end = min(num_tokens // self.block_size, len(hashes))
         for i in range(start, end):
             block = self.blocks[owned[i]]
