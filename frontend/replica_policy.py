@@ -9,10 +9,6 @@ import random
 from collections import OrderedDict
 from collections.abc import Hashable, Mapping, Sequence
 
-import msgspec
-
-_encode = msgspec.msgpack.Encoder().encode
-
 
 class ReplicaPolicy:
     """Least loaded, with prefix affinity.
@@ -56,7 +52,7 @@ class ReplicaPolicy:
         n_blocks = min(self.affinity_blocks, len(prompt_token_ids) // self.block_size)
         if n_blocks == 0:
             return None
-        return hash(_encode(list(prompt_token_ids[: n_blocks * self.block_size])))
+        return hash(tuple(prompt_token_ids[: n_blocks * self.block_size]))
 
     def overloaded(self, load: int, least: int) -> bool:
         return load > least + self.balance_abs and load > least * self.balance_rel
