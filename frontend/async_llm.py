@@ -7,9 +7,8 @@ thread, and each `await` waits on whichever loop is running it at that moment.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 import msgspec
@@ -46,7 +45,7 @@ class AsyncLLM(EngineFrontend):
     def from_engine_args(cls, engine_args: EngineArgs, **_: Any) -> AsyncLLM:
         return cls(engine_args)
 
-    async def generate(
+    def generate(
         self,
         prompt: PromptType,
         sampling_params: SamplingParams | None = None,
@@ -67,27 +66,25 @@ class AsyncLLM(EngineFrontend):
         "abort"; a dead engine raises `EngineDeadError`. vLLM keywords zllm cannot honour
         raise `NotImplementedError` when given a value; unknown ones are a `TypeError`.
         """
-        _refuse_unsupported(
-            lora_request=lora_request,
-            trace_headers=trace_headers,
-            tokenization_kwargs=tokenization_kwargs,
-            data_parallel_rank=data_parallel_rank,
-        )
-        # Closed here, not left to the garbage collector: leaving this loop early aborts the
-        # request before the caller's next message to the engine.
-        outputs = self._generate_prepared(
-            self._prepare(prompt, sampling_params, request_id, priority)
-        )
-        async with contextlib.aclosing(outputs):
-            async for output in outputs:
-                yield output
 
-    async def _generate_prepared(
-        self, request: ProcessedRequest
+        def prepare() -> ProcessedRequest:  # at the first iteration, as vLLM's generator does
+            _refuse_unsupported(
+                lora_request=lora_request,
+                trace_headers=trace_headers,
+                tokenization_kwargs=tokenization_kwargs,
+                data_parallel_rank=data_parallel_rank,
+            )
+            return self._prepare(prompt, sampling_params, request_id, priority)
+
+        return self._generation(prepare)
+
+    async def _generation(
+        self, prepare: Callable[[], ProcessedRequest]
     ) -> AsyncGenerator[RequestOutput, None]:
-        """`generate()` of a request already tokenized and checked (a router tokenizes once,
-        then picks the replica by the prompt's tokens)."""
-        request_id, stream = self._submit(request)
+        """The one generator of a request: closing it aborts the request at once (no generator
+        wraps it, so none has to remember to close it). `prepare` tokenizes and checks (a
+        router prepares once, then picks the replica by the prompt's tokens)."""
+        request_id, stream = self._submit(prepare())
         guard = _AbortIfAbandoned(self.client, request_id)
         try:
             while True:
@@ -105,7 +102,7 @@ class AsyncLLM(EngineFrontend):
                 guard.armed = False
                 self.client.abort([request_id])
 
-    async def encode(
+    def encode(
         self,
         prompt: PromptType,
         pooling_params: PoolingParams | None = None,
@@ -121,20 +118,19 @@ class AsyncLLM(EngineFrontend):
         Pooling requests run in the same steps as generation requests. Cancelling aborts the
         request; a request aborted with `abort()` ends without an output.
         """
-        _refuse_unsupported(lora_request=lora_request)
-        outputs = self._encode_prepared(
-            self._prepare_pooling(
+
+        def prepare() -> ProcessedRequest:
+            _refuse_unsupported(lora_request=lora_request)
+            return self._prepare_pooling(
                 prompt, pooling_params, request_id, truncate_prompt_tokens, priority
             )
-        )
-        async with contextlib.aclosing(outputs):
-            async for output in outputs:
-                yield output
 
-    async def _encode_prepared(
-        self, request: ProcessedRequest
+        return self._pooling(prepare)
+
+    async def _pooling(
+        self, prepare: Callable[[], ProcessedRequest]
     ) -> AsyncGenerator[PoolingRequestOutput, None]:
-        request_id, stream = self._submit(request)
+        request_id, stream = self._submit(prepare())
         guard = _AbortIfAbandoned(self.client, request_id)
         try:
             item = await stream.get()

@@ -217,12 +217,18 @@ class EngineRouter:
         loads = {label: len(r.in_flight) for label, r in by_label.items()}
         return by_label[served.policy.choose(prompt_token_ids, loads)]
 
-    async def _routed(self, served: ServedModel, request, run) -> AsyncGenerator[Any, None]:
+    async def _routed(
+        self, model: str | None, prepare: Callable[[AsyncLLM], Any], run
+    ) -> AsyncGenerator[Any, None]:
+        """Prepare the request once on the model's engines (tokens, checks: a generator, so a
+        bad request fails where iterating starts), pick its replica, relay `run`'s outputs."""
+        served = self.model(model)
+        request = prepare(served.engine)
         replica = self._pick(served, request.prompt_token_ids)
         replica.in_flight.add(request.request_id)
         self._owner[request.request_id] = replica
         try:
-            async with contextlib.aclosing(run(replica.engine, request)) as outputs:
+            async with contextlib.aclosing(run(replica.engine, lambda: request)) as outputs:
                 async for output in outputs:
                     yield output
         except EngineDeadError as e:
@@ -234,7 +240,7 @@ class EngineRouter:
             replica.in_flight.discard(request.request_id)
             self._owner.pop(request.request_id, None)
 
-    async def generate(
+    def generate(
         self,
         prompt: PromptType,
         sampling_params: SamplingParams | None = None,
@@ -244,15 +250,13 @@ class EngineRouter:
         priority: int = 0,
     ) -> AsyncGenerator[RequestOutput, None]:
         """`AsyncLLM.generate` on a replica of `model` (None: the first model)."""
-        served = self.model(model)
-        request = served.engine._prepare(prompt, sampling_params, request_id, priority)
-        async with contextlib.aclosing(
-            self._routed(served, request, AsyncLLM._generate_prepared)
-        ) as outputs:
-            async for output in outputs:
-                yield output
+        return self._routed(
+            model,
+            lambda engine: engine._prepare(prompt, sampling_params, request_id, priority),
+            AsyncLLM._generation,
+        )
 
-    async def encode(
+    def encode(
         self,
         prompt: PromptType,
         pooling_params: PoolingParams | None = None,
@@ -262,13 +266,13 @@ class EngineRouter:
         priority: int = 0,
     ) -> AsyncGenerator[PoolingRequestOutput, None]:
         """`AsyncLLM.encode` on a replica of `model` (None: the first model)."""
-        served = self.model(model)
-        request = served.engine._prepare_pooling(prompt, pooling_params, request_id, None, priority)
-        async with contextlib.aclosing(
-            self._routed(served, request, AsyncLLM._encode_prepared)
-        ) as outputs:
-            async for output in outputs:
-                yield output
+        return self._routed(
+            model,
+            lambda engine: engine._prepare_pooling(
+                prompt, pooling_params, request_id, None, priority
+            ),
+            AsyncLLM._pooling,
+        )
 
     async def abort(self, request_id: str | list[str]) -> None:
         ids = [request_id] if isinstance(request_id, str) else list(request_id)

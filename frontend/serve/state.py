@@ -1,6 +1,6 @@
 """What the server holds (the engines behind a router, the served models, metrics, requests
-in flight) and how one engine request runs under it: every route generates and encodes through `ServerState`, so
-metrics, the shutdown abort and 503s are the same everywhere."""
+in flight) and how one engine request runs under it: every route generates and encodes
+through `ServerState`, so metrics, the shutdown abort and 503s are the same everywhere."""
 
 from __future__ import annotations
 
