@@ -69,6 +69,9 @@ def add_bench_parser(sub) -> None:
     prof.add_argument("--batch", type=int, default=1)
     prof.add_argument("--context-len", type=int, default=128)
     prof.add_argument("--steps", type=int, default=20)
+    prof.add_argument(
+        "--top-kernels", type=int, default=0, metavar="N", help="list the N costliest kernels"
+    )
     prof.set_defaults(func=cmd_profile)
 
     srv = kinds.add_parser("serve", help="load a running server: TTFT, TPOT, ITL, throughput")
@@ -212,10 +215,16 @@ def cmd_profile(ns: argparse.Namespace) -> int:
     from zllm.bench import step_profile as profile
 
     source = _source(ns)
-    result = profile.run(source, ns.batch, ns.context_len, ns.steps, _engine_kwargs(ns))
+    result = profile.run(
+        source, ns.batch, ns.context_len, ns.steps, _engine_kwargs(ns), ns.top_kernels
+    )
     doc = {**_header(ns, source), "results": [result]}
     columns = ["wall_ms", "kernel_ms", "kernels_per_step", "busy_share", "measured"]
     _print(doc, ns.json, columns)
+    if not ns.json and result.get("top_kernels"):
+        print("us/step  per step  kernel")
+        for k in result["top_kernels"]:
+            print(f"{k['us_per_step']:>7}  {k['per_step']:>8}  {k['name']}")
     return 0
 
 

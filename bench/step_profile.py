@@ -29,7 +29,30 @@ def _union_us(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
-def run(source: ModelSource, batch: int, context_len: int, steps: int, engine_kwargs: dict) -> dict:
+def _top(kernels: list, steps: int, n: int) -> list[dict]:
+    """The `n` kernels that take the most time per step: name, launches and microseconds."""
+    by_name: dict[str, list[float]] = {}
+    for e in kernels:
+        by_name.setdefault(e.name, []).append(e.time_range.end - e.time_range.start)
+    ranked = sorted(by_name.items(), key=lambda item: -sum(item[1]))[:n]
+    return [
+        {
+            "name": name[:120],
+            "per_step": round(len(times) / steps, 1),
+            "us_per_step": round(sum(times) / steps, 1),
+        }
+        for name, times in ranked
+    ]
+
+
+def run(
+    source: ModelSource,
+    batch: int,
+    context_len: int,
+    steps: int,
+    engine_kwargs: dict,
+    top_kernels: int = 0,
+) -> dict:
     from zllm.protocol.config import EngineArgs, ModelConfig
     from zllm.protocol.sampling_params import SamplingParams
     from zllm.protocol.worker_messages import ExecuteModel, NewBlocks, NewRequest, SlotStart
@@ -92,7 +115,7 @@ def run(source: ModelSource, batch: int, context_len: int, steps: int, engine_kw
         what = "CPU time inside top-level torch ops (no GPU: no kernel time)"
         # Op times carry the profiler's own overhead: compare them with profiled steps.
         wall_for_share = profiled_wall_us
-    return {
+    result = {
         "shape": source.name,
         "device": str(worker.device),
         "dtype": str(worker.dtype).removeprefix("torch."),
@@ -107,3 +130,6 @@ def run(source: ModelSource, batch: int, context_len: int, steps: int, engine_kw
         "busy_share": round(busy_us / wall_for_share, 3),
         "measured": what,
     }
+    if top_kernels:
+        result["top_kernels"] = _top(kernels, steps, top_kernels)
+    return result
