@@ -152,8 +152,35 @@ def test_argmax():
     from zllm.worker.kernels.argmax import argmax
 
     g = torch.Generator().manual_seed(3)
-    for vocab in (1000, 9000):
+    for vocab in (1000, 4097, 9000):
         logits = torch.randn(4, vocab, generator=g)
         logits[1, 7] = logits[1, vocab - 5] = 50.0  # a tie across chunks: the first index wins
-        logits[2, -1] = 60.0
+        logits[2, -1] = 60.0  # alone in the last chunk when vocab = 4097
+        if vocab > 4096:
+            logits[3, 4095] = logits[3, 4096] = 70.0  # a tie across a chunk's edge
         assert torch.equal(argmax(logits.to(DEVICE)).cpu(), logits.argmax(dim=-1))
+    assert argmax(torch.zeros(0, 10, device=DEVICE)).shape == (0,)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,k,wide", [(37, 1024, False), (90, 96, True), (64, 2100, False)])
+def test_gemv(dtype, n, k, wide):
+    """One row times a weight in both configurations `config_for` picks (`wide`: many rows
+    over a short K), K a multiple of the slice or not, N not a multiple of the rows per
+    program; with and without a bias."""
+    from zllm.worker.kernels.gemv import config_for, gemv
+
+    config = config_for(9000 if wide else n, k)
+    assert (config.block_k == 512) == wide
+    g = torch.Generator().manual_seed(n + k)
+    x = torch.randn(1, k, generator=g).to(dtype)
+    weight = (torch.randn(n, k, generator=g) / k**0.5).to(dtype)
+    bias = torch.randn(n, generator=g).to(dtype)
+    tol = TOL[dtype]
+    for b in (None, bias):
+        expected = torch.nn.functional.linear(
+            x.float(), weight.float(), None if b is None else b.float()
+        )
+        out = gemv(x.to(DEVICE), weight.to(DEVICE), None if b is None else b.to(DEVICE), config)
+        assert out.dtype == dtype and out.shape == (1, n)
+        torch.testing.assert_close(out.cpu().float(), expected, atol=tol, rtol=tol)

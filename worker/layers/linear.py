@@ -5,6 +5,9 @@ layers keep a slice of the input features and all-reduce their partial sums. The
 and the LM head are split over the vocabulary: each rank embeds the ids of its rows (zeros
 elsewhere, summed by an all-reduce) and computes the logits of its rows, gathered on rank 0,
 which samples. Each layer reads only its own slice of a checkpoint tensor (`load`).
+
+With `fused=True` (the Triton kernels) a single half-precision row on a GPU, a batch-1
+decode step, is multiplied by `worker/kernels/gemv.py` instead of cuBLAS (`project`).
 """
 
 from __future__ import annotations
@@ -24,14 +27,33 @@ def tp_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
+_GEMV_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def project(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fused: bool
+) -> torch.Tensor:
+    """x W^T (+ b). A fused single half-precision row on a GPU goes through the Triton GEMV,
+    which reads the weight closer to the memory's speed than cuBLAS does at batch 1; float32
+    keeps cuBLAS (the exact path parity is checked on)."""
+    if fused and x.shape[0] == 1 and x.is_cuda and x.dtype in _GEMV_DTYPES:
+        from zllm.worker.kernels.gemv import gemv
+
+        return gemv(x, weight, bias)
+    return nn.functional.linear(x, weight, bias)
+
+
 class ColumnParallelLinear(nn.Module):
     """y = x W^T (+ b) for this rank's slice of several stacked outputs (e.g. q, k, v).
 
     `output_sizes` are the full sizes of the stacked parts; each is split evenly across ranks.
     """
 
-    def __init__(self, input_size: int, output_sizes: list[int], bias: bool) -> None:
+    def __init__(
+        self, input_size: int, output_sizes: list[int], bias: bool, fused: bool = False
+    ) -> None:
         super().__init__()
+        self.fused = fused
         size = tp_size()
         for out in output_sizes:
             if out % size:
@@ -53,14 +75,17 @@ class ColumnParallelLinear(nn.Module):
         param.data.narrow(0, offset, local).copy_(shard)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(x, self.weight, self.bias)
+        return project(x, self.weight, self.bias, self.fused)
 
 
 class RowParallelLinear(nn.Module):
     """y = sum over ranks of x_slice W_slice^T (+ b, added once, after the sum)."""
 
-    def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
+    def __init__(
+        self, input_size: int, output_size: int, bias: bool = False, fused: bool = False
+    ) -> None:
         super().__init__()
+        self.fused = fused
         size = tp_size()
         if input_size % size:
             raise ValueError(
@@ -77,7 +102,7 @@ class RowParallelLinear(nn.Module):
             param.data.copy_(full.narrow(1, tp_rank() * self.local_input, self.local_input))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = nn.functional.linear(x, self.weight)
+        y = project(x, self.weight, None, self.fused)
         if tp_size() > 1:
             dist.all_reduce(y)
         return y if self.bias is None else y + self.bias
@@ -122,13 +147,13 @@ class ParallelLMHead(VocabParallelEmbedding):
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-def vocab_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def vocab_logits(hidden: torch.Tensor, weight: torch.Tensor, fused: bool = False) -> torch.Tensor:
     """`hidden @ weight.T` for this rank's vocabulary rows. On the CPU in float32 through
     oneDNN, which runs this wide, short matmul (e.g. [256, 256] x [256, 32000], most of a CPU
-    decode step) ~1.4x faster than the default BLAS path here; elsewhere `linear`."""
+    decode step) ~1.4x faster than the default BLAS path here; elsewhere `project`."""
     if hidden.device.type == "cpu" and hidden.dtype == weight.dtype == torch.float32 and _ONEDNN:
         return torch.ops.mkldnn._linear_pointwise(hidden.contiguous(), weight, None, "none", [], "")
-    return nn.functional.linear(hidden, weight)
+    return project(hidden, weight, None, fused)
 
 
 def gather_vocab(local: torch.Tensor, vocab_size: int) -> torch.Tensor | None:

@@ -45,9 +45,9 @@ class Attention(nn.Module):
         q_size = config.num_attention_heads * self.head_dim
         kv_size = config.num_key_value_heads * self.head_dim
         self.qkv_proj = ColumnParallelLinear(
-            config.hidden_size, [q_size, kv_size, kv_size], config.attention_bias
+            config.hidden_size, [q_size, kv_size, kv_size], config.attention_bias, fused
         )
-        self.o_proj = RowParallelLinear(q_size, config.hidden_size)
+        self.o_proj = RowParallelLinear(q_size, config.hidden_size, fused=fused)
         self.rotary = rotary
         if config.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, fused)
@@ -86,9 +86,14 @@ class MLP(nn.Module):
         super().__init__()
         self.fused = fused
         self.gate_up_proj = ColumnParallelLinear(
-            config.hidden_size, [config.intermediate_size, config.intermediate_size], bias=False
+            config.hidden_size,
+            [config.intermediate_size, config.intermediate_size],
+            bias=False,
+            fused=fused,
         )
-        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size)
+        self.down_proj = RowParallelLinear(
+            config.intermediate_size, config.hidden_size, fused=fused
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
@@ -159,7 +164,8 @@ class LlamaForCausalLM(Model):
     def __init__(self, config: ModelConfig, kernels: str = "torch") -> None:
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config, fused=kernels == "triton")
+        self.fused = kernels == "triton"
+        self.model = LlamaModel(config, self.fused)
         self.generates = "generate" in config.supported_tasks
         if config.tie_word_embeddings or not self.generates:
             self.lm_head = None
@@ -190,7 +196,9 @@ class LlamaForCausalLM(Model):
         if not self.generates:
             return super().logits(hidden)
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return gather_vocab(vocab_logits(hidden, weight).float(), self.config.vocab_size)
+        return gather_vocab(
+            vocab_logits(hidden, weight, self.fused).float(), self.config.vocab_size
+        )
 
     def load_weight(self, name: str, tensor: CheckpointTensor) -> str | None:
         if "rotary_emb" in name or (name == "lm_head.weight" and self.lm_head is None):
