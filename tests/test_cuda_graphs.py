@@ -132,3 +132,43 @@ def test_graphs_give_the_eager_tokens(checkpoint, batch) -> None:
     eager = _generate(checkpoint, batch, enforce_eager=True)
     graphs = _generate(checkpoint, batch)
     assert graphs == eager
+
+
+@needs_cuda
+@needs_triton
+def test_graph_logits_sample_as_eager(checkpoint) -> None:
+    """Seeded sampling, penalties and logprobs read the graph's logits: same tokens and
+    logprobs as eager steps, greedy rows beside sampled ones in one batch."""
+
+    def run(**kwargs) -> list[tuple[list[int], list]]:
+        llm = LLM(
+            checkpoint,
+            skip_tokenizer_init=True,
+            dtype="float32",
+            max_num_seqs=8,
+            max_model_len=256,
+            gpu_memory_utilization=0.3,
+            **kwargs,
+        )
+        sampled = SamplingParams(
+            max_tokens=10,
+            temperature=0.8,
+            top_k=20,
+            seed=5,
+            repetition_penalty=1.2,
+            logprobs=2,
+            ignore_eos=True,
+            detokenize=False,
+        )
+        prompts = [{"prompt_token_ids": [7 + i, 100 + 3 * i, 11, 12 + i]} for i in range(3)]
+        try:
+            outs = llm.generate(prompts, [sampled, PARAMS, sampled])
+        finally:
+            llm.shutdown()
+        return [
+            (o.outputs[0].token_ids, [sorted(p) for p in o.outputs[0].logprobs or []]) for o in outs
+        ]
+
+    eager, graphs = run(enforce_eager=True), run()
+    assert [tokens for tokens, _ in graphs] == [tokens for tokens, _ in eager]
+    assert [ids for _, ids in graphs] == [ids for _, ids in eager]

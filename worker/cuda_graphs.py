@@ -6,8 +6,12 @@ forward is one launch. A graph fixes its addresses and launch sizes, so: the tok
 positions go into static buffers here, the attention metadata into the Triton backend's
 persistent buffers (`build_metadata(..., pad_to=size)`), and a batch of `n` decodes replays
 the smallest graph of at least `n` rows; the padded rows write no KV and are never read.
-Prompt chunks, pooling and prompt logprobs run eagerly. Logits and sampling run eagerly after
-the replay (one matmul and the sampler: their shapes follow the real batch).
+Prompt chunks, pooling and prompt logprobs run eagerly. The graph also computes the logits
+and their greedy argmax (on one GPU: under tensor parallelism the logits gather on rank 0 and
+run eagerly after the replay): a greedy batch samples with no launch of its own, and any
+other batch samples from the graph's logits. Their buffers are the graph's, so a step's
+sampled ids must be copied out (they are, into the batch and to the host) before the next
+replay.
 
 Graphs hold the addresses of the weights and the KV cache: whatever moves them (sleep mode)
 drops the graphs, and they are captured again when both are back.
@@ -17,15 +21,27 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from zllm.worker.input_batch import StepInputs
+from zllm.worker.kernels.argmax import argmax
+from zllm.worker.layers.linear import tp_size
 from zllm.worker.layers.triton_attention import TritonAttentionBackend
 from zllm.worker.models.interface import Model
 
 logger = logging.getLogger(__name__)
+
+
+class GraphOutputs(NamedTuple):
+    """A replayed step's rows (the real batch, padding cut off); views of the graph's
+    buffers. `logits`/`greedy` are None when the graph stops at the hidden states."""
+
+    hidden: torch.Tensor
+    logits: torch.Tensor | None
+    greedy: torch.Tensor | None
 
 
 def capture_sizes(max_num_seqs: int, asked: list[int] | None = None) -> list[int]:
@@ -51,7 +67,7 @@ class DecodeGraphs:
         self.sizes = sizes
         self.input_ids = torch.zeros(max(sizes), dtype=torch.long, device=device)
         self.positions = torch.zeros(max(sizes), dtype=torch.long, device=device)
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, GraphOutputs]] = {}
         self._pool = None
 
     @property
@@ -73,31 +89,41 @@ class DecodeGraphs:
         return the seconds it took."""
         start = time.perf_counter()
         empty = _empty_inputs()
+        with_logits = model.can_generate and tp_size() == 1
+
+        def forward(ids: torch.Tensor, positions: torch.Tensor, meta) -> GraphOutputs:
+            hidden = model(ids, positions, kv_caches, meta)
+            if not with_logits:
+                return GraphOutputs(hidden, None, None)
+            logits = model.logits(hidden)
+            return GraphOutputs(hidden, logits, argmax(logits))
+
         for size in sorted(sizes or self.sizes, reverse=True):
             meta = self.backend.build_metadata(empty, pad_to=size)
             ids, positions = self.input_ids[:size], self.positions[:size]
-            model(ids, positions, kv_caches, meta)  # compiles and tunes outside the graph
+            forward(ids, positions, meta)  # compiles and tunes outside the graph
             torch.cuda.synchronize(self.device)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._pool):
-                hidden = model(ids, positions, kv_caches, meta)
+                outputs = forward(ids, positions, meta)
             if self._pool is None:
                 self._pool = graph.pool()
-            self._graphs[size] = (graph, hidden)
+            self._graphs[size] = (graph, outputs)
         torch.cuda.synchronize(self.device)
         return time.perf_counter() - start
 
     def replay(
         self, inputs: StepInputs, size: int, input_ids: torch.Tensor, positions: torch.Tensor
-    ) -> torch.Tensor:
-        """The step's hidden states `[n, hidden]`, from the graph of `size` rows."""
+    ) -> GraphOutputs:
+        """The step's hidden states `[n, hidden]` (and logits, greedy ids), from the graph of
+        `size` rows."""
         n = len(inputs.slots)
         self.backend.build_metadata(inputs, pad_to=size)
         self.input_ids[:n].copy_(input_ids)
         self.positions[:n].copy_(positions)
-        graph, hidden = self._graphs[size]
+        graph, outputs = self._graphs[size]
         graph.replay()
-        return hidden[:n]
+        return GraphOutputs(*(None if t is None else t[:n] for t in outputs))
 
     def drop(self) -> None:
         """Forget every graph and its memory pool (the weights or the KV cache will move)."""

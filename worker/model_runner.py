@@ -174,8 +174,10 @@ class ModelRunner:
             rows.targets_t = transfer.to_device(rows.targets, torch.long, self.device)
         ids_t = self._input_ids(inputs)
         pos_t = transfer.to_device(inputs.positions, torch.long, self.device)
+        replayed = None
         if graph_size is not None:
-            hidden = self.graphs.replay(inputs, graph_size, ids_t, pos_t)
+            replayed = self.graphs.replay(inputs, graph_size, ids_t, pos_t)
+            hidden = replayed.hidden
         else:
             meta = self.attn_backend.build_metadata(inputs)
             hidden = self.model(ids_t, pos_t, self.kv_caches, meta)
@@ -186,9 +188,13 @@ class ModelRunner:
         pending = PendingStep(prompt_parts=prompt_parts, pooled=pooled)
         if len(sample_index):
             slots = inputs.slots[sample_index]
-            sample_rows = hidden if every_row_samples else hidden[sample_t]
-            logits = self.model.logits(sample_rows)  # None on ranks other than 0
-            token_ids, pending.gathered = self._sample(logits, slots)
+            greedy = None
+            if replayed is not None and replayed.logits is not None:  # every row samples
+                logits, greedy = replayed.logits, replayed.greedy
+            else:
+                sample_rows = hidden if every_row_samples else hidden[sample_t]
+                logits = self.model.logits(sample_rows)  # None on ranks other than 0
+            token_ids, pending.gathered = self._sample(logits, slots, greedy)
             self._remember(slots, token_ids)
             pending.slots = slots
             pending.states = [self.batch.states[s] for s in slots.tolist()]
@@ -256,14 +262,15 @@ class ModelRunner:
         return SlotState(params, new.pooling_params, new.prompt_token_ids, generator)
 
     def _sample(
-        self, logits: torch.Tensor | None, slots: np.ndarray
+        self, logits: torch.Tensor | None, slots: np.ndarray, greedy: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
-        """Sampled ids `[S]` on the device (every rank), and the logprobs asked for (rank 0)."""
+        """Sampled ids `[S]` on the device (every rank), and the logprobs asked for (rank 0).
+        `greedy`: the logits' argmax, when a CUDA graph already computed it."""
         gathered = None
         if not self.samples:
             token_ids = torch.empty(len(slots), dtype=torch.long, device=self.device)
         elif self.batch.plain_greedy[slots].all():
-            token_ids = self.sampler.argmax(logits)
+            token_ids = greedy if greedy is not None else self.sampler.argmax(logits)
         else:
             states = [self.batch.states[s] for s in slots.tolist()]
             rows = [
