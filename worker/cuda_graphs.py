@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
+from zllm.worker import transfer
 from zllm.worker.input_batch import StepInputs
 from zllm.worker.kernels.argmax import argmax
 from zllm.worker.layers.linear import tp_size
@@ -113,14 +115,17 @@ class DecodeGraphs:
         return time.perf_counter() - start
 
     def replay(
-        self, inputs: StepInputs, size: int, input_ids: torch.Tensor, positions: torch.Tensor
+        self,
+        inputs: StepInputs,
+        size: int,
+        write_input_ids: Callable[[StepInputs, torch.Tensor], torch.Tensor],
     ) -> GraphOutputs:
         """The step's hidden states `[n, hidden]` (and logits, greedy ids), from the graph of
-        `size` rows."""
+        `size` rows. `write_input_ids(inputs, buffer)` puts the step's ids in the graph's."""
         n = len(inputs.slots)
         self.backend.build_metadata(inputs, pad_to=size)
-        self.input_ids[:n].copy_(input_ids)
-        self.positions[:n].copy_(positions)
+        write_input_ids(inputs, self.input_ids[:n])
+        transfer.copy_into(self.positions[:n], inputs.positions)
         graph, outputs = self._graphs[size]
         graph.replay()
         return GraphOutputs(*(None if t is None else t[:n] for t in outputs))

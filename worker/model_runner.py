@@ -86,6 +86,7 @@ class ModelRunner:
         self.samples = tp_rank() == 0  # the other ranks get the sampled ids from rank 0
         self.graphs: DecodeGraphs | None = None  # set by `use_cuda_graphs`
         self._last_sampled = torch.zeros(max_num_seqs, dtype=torch.long, device=device)
+        self._long = {"dtype": torch.long, "device": device}
 
     def use_cuda_graphs(self, sizes: list[int]) -> None:
         """Replay decode steps of up to `max(sizes)` requests from CUDA graphs (captured by
@@ -172,13 +173,13 @@ class ModelRunner:
             sample_t = transfer.to_device(last_rows, torch.long, self.device)
         for rows in prompt_rows:
             rows.targets_t = transfer.to_device(rows.targets, torch.long, self.device)
-        ids_t = self._input_ids(inputs)
-        pos_t = transfer.to_device(inputs.positions, torch.long, self.device)
         replayed = None
         if graph_size is not None:
-            replayed = self.graphs.replay(inputs, graph_size, ids_t, pos_t)
+            replayed = self.graphs.replay(inputs, graph_size, self._input_ids)
             hidden = replayed.hidden
         else:
+            ids_t = self._input_ids(inputs, torch.empty(len(inputs.input_ids), **self._long))
+            pos_t = transfer.to_device(inputs.positions, torch.long, self.device)
             meta = self.attn_backend.build_metadata(inputs)
             hidden = self.model(ids_t, pos_t, self.kv_caches, meta)
         prompt_parts = {rows.slot: self._prompt_logprobs(hidden, rows) for rows in prompt_rows}
@@ -228,10 +229,10 @@ class ModelRunner:
             pooled=pending.pooled,
         )
 
-    def _input_ids(self, inputs: StepInputs) -> torch.Tensor:
-        """The step's token ids on the device; a token a launched step is still sampling
-        (-1 on the host) comes from that step's result on the device."""
-        ids_t = transfer.to_device(inputs.input_ids, torch.long, self.device)
+    def _input_ids(self, inputs: StepInputs, ids_t: torch.Tensor) -> torch.Tensor:
+        """The step's token ids, written into `ids_t` on the device; a token a launched step
+        is still sampling (-1 on the host) comes from that step's result on the device."""
+        transfer.copy_into(ids_t, inputs.input_ids)
         missing = np.flatnonzero(inputs.input_ids < 0)
         if len(missing):
             slots = np.repeat(inputs.slots, inputs.num_scheduled)[missing]

@@ -14,14 +14,28 @@ import torch
 def to_device(values: list | np.ndarray, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A new tensor on `device` (on the CPU too: the caller may keep changing `values`)."""
     if isinstance(values, np.ndarray):
-        source = torch.from_numpy(np.ascontiguousarray(values))
         if device.type == "cpu":
-            return source.to(dtype, copy=True)
-        host = torch.empty(source.shape, dtype=dtype, pin_memory=True)
-        return host.copy_(source).to(device, non_blocking=True)
+            return torch.from_numpy(np.ascontiguousarray(values)).to(dtype, copy=True)
+        return _pinned(values, dtype).to(device, non_blocking=True)
     if device.type == "cpu":
         return torch.tensor(values, dtype=dtype)
     return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+
+
+def copy_into(dst: torch.Tensor, values: np.ndarray) -> None:
+    """`dst[:] = values` for a persistent device buffer: one pinned staging tensor, one copy,
+    no new device tensor."""
+    if dst.device.type == "cpu":
+        dst.copy_(torch.from_numpy(np.ascontiguousarray(values)))
+        return
+    dst.copy_(_pinned(values, dst.dtype), non_blocking=True)
+
+
+def _pinned(values: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """A pinned copy of `values` (filled through numpy: no torch op to dispatch)."""
+    host = torch.empty(values.shape, dtype=dtype, pin_memory=True)
+    host.numpy()[...] = values
+    return host
 
 
 def to_host(tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:

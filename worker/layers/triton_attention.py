@@ -74,13 +74,22 @@ class TritonAttentionBackend:
         def buffer(*shape: int, dtype: torch.dtype = torch.int32) -> torch.Tensor:
             return torch.zeros(shape, dtype=dtype, device=self.device)
 
-        self.slot_mapping = buffer(max_num_batched_tokens)
+        # The per-sequence and per-tile sections share one buffer, the per-token slots last,
+        # so a step uploads them in one copy of the used prefix (each launch of a copy costs
+        # the host more than the bytes cost the bus).
+        capacities = [max_num_seqs, max_num_seqs + 1, max_num_seqs, self.max_tiles]
+        capacities += [self.max_tiles, max_num_batched_tokens]
+        self._offsets = np.cumsum([0, *capacities]).tolist()
+        self._sections = buffer(self._offsets[-1])
+        (
+            self.seq_lens,
+            self.query_start,
+            self.decode_seqs,
+            self.tile_seqs,
+            self.tile_starts,
+            self.slot_mapping,
+        ) = (self._sections[a:b] for a, b in zip(self._offsets, self._offsets[1:]))
         self.block_tables = buffer(max_num_seqs, self.max_blocks)
-        self.seq_lens = buffer(max_num_seqs)
-        self.query_start = buffer(max_num_seqs + 1)
-        self.decode_seqs = buffer(max_num_seqs)
-        self.tile_seqs = buffer(self.max_tiles)
-        self.tile_starts = buffer(self.max_tiles)
         # Partial results of split decodes, shared by all layers (they run one after another).
         self.mid_out = buffer(max_num_seqs, num_heads, max_splits, head_dim, dtype=torch.float32)
         self.mid_lse = buffer(max_num_seqs, num_heads, max_splits, dtype=torch.float32)
@@ -129,28 +138,22 @@ class TritonAttentionBackend:
         tile_seqs = np.repeat(prefill_seqs, tiles)
         first_tile = np.repeat(np.cumsum(tiles) - tiles, tiles)
         tile_starts = (np.arange(len(tile_seqs)) - first_tile) * self.block_m
-        sections = [
-            (self.slot_mapping, slot_mapping),
-            (self.seq_lens, seq_lens),
-            (self.query_start, query_start),
-            (self.decode_seqs, decode_seqs),
-            (self.tile_seqs, tile_seqs),
-            (self.tile_starts, tile_starts),
-        ]
+        sections = [seq_lens, query_start, decode_seqs, tile_seqs, tile_starts, slot_mapping]
         # One host tensor per step (pinned on CUDA, kept alive by the caching host allocator
-        # until its copies ran), copied into the persistent buffers without waiting.
-        values = np.concatenate([v for _, v in sections] + [inputs.block_table.reshape(-1)])
+        # until its copies ran) laid out as the device buffer, then the block table; two
+        # copies into the persistent buffers, without waiting.
+        used = self._offsets[-2] + len(slot_mapping)
+        table = inputs.block_table.reshape(-1)
         pinned = self.device.type == "cuda"
-        host = torch.empty(len(values), dtype=torch.int32, pin_memory=pinned)
-        host.numpy()[:] = values
-        offset = 0
-        for dst, section in sections:
-            k = len(section)
-            dst[:k].copy_(host[offset : offset + k], non_blocking=pinned)
-            offset += k
+        host = torch.empty(used + len(table), dtype=torch.int32, pin_memory=pinned)
+        values = host.numpy()
+        for start, section in zip(self._offsets, sections):
+            values[start : start + len(section)] = section
+        values[used:] = table
+        self._sections[:used].copy_(host[:used], non_blocking=pinned)
         if width:
             self.block_tables[:num_seqs, :width].copy_(
-                host[offset:].view(num_seqs, width), non_blocking=pinned
+                host[used:].view(num_seqs, width), non_blocking=pinned
             )
         num_splits = 1
         if pad_to is not None:
