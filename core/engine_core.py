@@ -46,7 +46,7 @@ class EngineCore:
         self.model_config = model_config
         self.executor = executor
         self.max_num_batched_tokens = engine_args.resolved_max_num_batched_tokens(
-            model_config.max_model_len
+            model_config.max_model_len, model_config.pooling_only
         )
         if (
             not engine_args.enable_chunked_prefill
@@ -159,6 +159,7 @@ class EngineCore:
             return updates
         step = self.scheduler.schedule()
         message, slots = self.worker_batch.build(step)
+        self.scheduler.release_pooled(step)  # after `build`, which sends their block ids
         if step.requests:
             self.executor.submit(message)
             self._in_flight.append(_InFlight(step, slots))

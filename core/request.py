@@ -13,6 +13,9 @@ class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     PREEMPTED = "preempted"
+    # A pooling request whose last prompt chunk is in a step in flight: it holds no seat in
+    # the batch and no blocks any more, and finishes when that step returns its vector.
+    POOLED = "pooled"
     FINISHED = "finished"
 
 

@@ -13,11 +13,30 @@ from __future__ import annotations
 import bisect
 import heapq
 import itertools
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterator
 
 from zllm.core.request import Request
 from zllm.protocol.config import SCHEDULING_POLICIES
+
+
+class _ClientCounts:
+    """Waiting requests per client, so the scheduler knows in O(1) whether clients must take
+    turns (`fair_admission.py`), not by scanning thousands of waiting requests every step."""
+
+    def __init__(self) -> None:
+        self._counts: Counter[bytes] = Counter()
+
+    def add(self, request: Request) -> None:
+        self._counts[request.client] += 1
+
+    def remove(self, request: Request) -> None:
+        self._counts[request.client] -= 1
+        if not self._counts[request.client]:
+            del self._counts[request.client]
+
+    def __len__(self) -> int:
+        return len(self._counts)
 
 
 class FCFSRequestQueue:
@@ -25,21 +44,32 @@ class FCFSRequestQueue:
 
     def __init__(self) -> None:
         self._queue: deque[Request] = deque()
+        self._clients = _ClientCounts()
+
+    @property
+    def num_clients(self) -> int:
+        """Clients with a waiting request."""
+        return len(self._clients)
 
     def add_request(self, request: Request) -> None:
         self._queue.append(request)
+        self._clients.add(request)
 
     def prepend_request(self, request: Request) -> None:
         self._queue.appendleft(request)
+        self._clients.add(request)
 
     def peek_request(self) -> Request:
         return self._queue[0]
 
     def pop_request(self) -> Request:
-        return self._queue.popleft()
+        request = self._queue.popleft()
+        self._clients.remove(request)
+        return request
 
     def remove_request(self, request: Request) -> None:
         self._queue.remove(request)
+        self._clients.remove(request)
 
     @staticmethod
     def add_running(running: list[Request], request: Request) -> None:
@@ -59,6 +89,12 @@ class PriorityRequestQueue:
     def __init__(self) -> None:
         self._heap: list[tuple[int, int, Request]] = []
         self._arrivals = itertools.count()
+        self._clients = _ClientCounts()
+
+    @property
+    def num_clients(self) -> int:
+        """Clients with a waiting request."""
+        return len(self._clients)
 
     def _key(self, request: Request) -> tuple[int, int]:
         if request.arrival_order < 0:
@@ -67,6 +103,7 @@ class PriorityRequestQueue:
 
     def add_request(self, request: Request) -> None:
         heapq.heappush(self._heap, (*self._key(request), request))
+        self._clients.add(request)
 
     prepend_request = add_request
 
@@ -74,11 +111,16 @@ class PriorityRequestQueue:
         return self._heap[0][2]
 
     def pop_request(self) -> Request:
-        return heapq.heappop(self._heap)[2]
+        request = heapq.heappop(self._heap)[2]
+        self._clients.remove(request)
+        return request
 
     def remove_request(self, request: Request) -> None:
+        before = len(self._heap)
         self._heap = [entry for entry in self._heap if entry[2] is not request]
         heapq.heapify(self._heap)
+        if len(self._heap) < before:
+            self._clients.remove(request)
 
     def add_running(self, running: list[Request], request: Request) -> None:
         """Kept sorted by (priority, arrival): the scheduler serves running requests from the

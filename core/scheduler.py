@@ -17,6 +17,7 @@ this one runs (`EngineCore`'s overlap), feeding the worker's own sampled token b
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from zllm.core.fair_admission import ClientRoundRobin
@@ -79,7 +80,7 @@ class Scheduler:
             return
         if request.status == RequestStatus.RUNNING:
             self.running.remove(request)
-        else:
+        elif request.status != RequestStatus.POOLED:
             self.waiting.remove_request(request)
         request.status = RequestStatus.FINISHED
         request.finish_reason = request.finish_reason or reason
@@ -118,8 +119,7 @@ class Scheduler:
                 i += 1
 
         can_admit = budget > 0 and not preempted and len(self.running) < self.max_num_seqs
-        candidates = self.admission_order.order(self.waiting, self.by_priority) if can_admit else ()
-        for request in candidates:
+        for request in self._admission_candidates() if can_admit else ():
             if budget <= 0 or len(self.running) >= self.max_num_seqs:
                 break
             if request.num_output_placeholders:  # preempted while a step samples for it
@@ -163,6 +163,39 @@ class Scheduler:
                 request.num_output_placeholders += 1
         return step
 
+    def release_pooled(self, step: ScheduledStep) -> None:
+        """Pooling requests whose last prompt chunk is in `step` (built and sent) give their
+        seat in the batch and their blocks to the next step now, not when their vectors come
+        back: the next step is then scheduled while this one runs. Otherwise a full batch of
+        short prompts would leave no room for the next step until this one returned, and
+        engine-core and the workers would take turns. Freeing blocks a step in flight still
+        writes is safe: every later step runs after it."""
+        released = [
+            request
+            for request, ends in zip(step.requests, step.ends_tokens)
+            if ends and request.is_pooling and request.status == RequestStatus.RUNNING
+        ]
+        if not released:
+            return
+        for request in released:
+            request.status = RequestStatus.POOLED
+            self.kv.free(request)
+        self.running[:] = [r for r in self.running if r.status == RequestStatus.RUNNING]
+
+    def _admission_candidates(self) -> Iterator[Request]:
+        """Waiting requests in the order to admit them; the loop above admits each (taking it
+        out of the queue) or stops. With one client that order is the queue's own: its head,
+        again after each admission, so a step costs O(admitted), not O(waiting) (10,000
+        queued embeddings must not cost a scan per step)."""
+        if self.waiting.num_clients > 1:
+            yield from self.admission_order.order(self.waiting, self.by_priority)
+            return
+        while self.waiting:
+            head = self.waiting.peek_request()
+            yield head
+            if self.waiting and self.waiting.peek_request() is head:
+                return  # not admitted: the loop stopped
+
     def preempt(self, request: Request) -> None:
         """Free a running request's blocks; it waits again (at the front of its priority) and
         recomputes later."""
@@ -176,10 +209,11 @@ class Scheduler:
 
     def update(self, step: ScheduledStep, sampled: dict[str, int]) -> list[Request]:
         """Take a step's results: append sampled tokens (in place of their placeholders) and
-        return the requests that finished (a pooling request finishes, and frees its blocks,
-        in the step that ends its prompt). A request finished meanwhile (aborted, or ended by
-        an earlier step while this one was in flight) takes nothing: its token is never seen.
-        One preempted meanwhile keeps its token: it was sampled from its real context."""
+        return the requests that finished (a pooling request finishes in the step that ends
+        its prompt; its blocks went back when that step was sent, `release_pooled`). A
+        request finished meanwhile (aborted, or ended by an earlier step while this one was
+        in flight) takes nothing: its token is never seen. One preempted meanwhile keeps its
+        token: it was sampled from its real context."""
         finished = []
         for request, ends in zip(step.requests, step.ends_tokens):
             if request.status == RequestStatus.FINISHED or not ends:

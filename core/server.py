@@ -55,6 +55,7 @@ from zllm.protocol.messages import (
     StepOutputs,
     UtilityCall,
 )
+from zllm.protocol.process import freeze_startup_heap
 
 logger = logging.getLogger("zllm.core")
 
@@ -145,6 +146,8 @@ class EngineCoreServer:
                 self._answer_hellos_with_failure(error, exit_after_startup_failure_s)
                 return 1
             self.serving = True
+            frozen = freeze_startup_heap()
+            logger.debug("start-up heap frozen: %d objects", frozen)
             self.notifier.ready(self._status())
             self._loop()
             logger.info("engine-core stopped (%s)", self.stop_reason)

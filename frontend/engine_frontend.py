@@ -85,11 +85,17 @@ class EngineFrontend:
         params: SamplingParams | None,
         request_id: str | None,
         priority: int = 0,
+        text_ids: list[int] | None = None,
     ) -> ProcessedRequest:
         """Tokenize and check one request (raises `ValueError`); nothing is sent yet.
-        `priority`: lower first, under scheduling_policy="priority" (else it must be 0)."""
+        `priority`: lower first, under scheduling_policy="priority" (else it must be 0).
+        `text_ids`: the prompt's text tokenized already (`InputProcessor.batch_text_ids`)."""
         return self.processor.process(
-            request_id or self._new_request_id(), prompt, params or SamplingParams(), priority
+            request_id or self._new_request_id(),
+            prompt,
+            params or SamplingParams(),
+            priority,
+            text_ids,
         )
 
     def _prepare_pooling(
@@ -99,6 +105,7 @@ class EngineFrontend:
         request_id: str | None,
         truncate_prompt_tokens: int | None = None,
         priority: int = 0,
+        text_ids: list[int] | None = None,
     ) -> ProcessedRequest:
         """`_prepare` for `encode()` / `embed()`; `truncate_prompt_tokens` is vLLM's keyword
         form of `PoolingParams.truncate_prompt_tokens`."""
@@ -114,7 +121,7 @@ class EngineFrontend:
                 )
             params = params.clone(truncate_prompt_tokens=truncate_prompt_tokens)
         return self.processor.process(
-            request_id or self._new_request_id(), prompt, params, priority
+            request_id or self._new_request_id(), prompt, params, priority, text_ids
         )
 
     def _new_request_id(self) -> str:

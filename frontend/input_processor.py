@@ -46,11 +46,13 @@ class InputProcessor:
         prompt: PromptType,
         params: SamplingParams | PoolingParams,
         priority: int = 0,
+        text_ids: list[int] | None = None,
     ) -> ProcessedRequest:
-        """Tokenize and check one request; raise `ValueError` saying what is wrong."""
+        """Tokenize and check one request; raise `ValueError` saying what is wrong.
+        `text_ids`: the prompt's text already tokenized (`batch_text_ids`)."""
         if not isinstance(request_id, str):
             raise ValueError(f"request_id must be a str, got {type(request_id).__name__}")
-        text, ids = self.tokenize(prompt)
+        text, ids = self.tokenize(prompt, text_ids)
         add = canonical_request(request_id, ids, params, priority=priority)
         if add.pooling_params is not None:
             from_text = isinstance(prompt, str) or "prompt_token_ids" not in prompt
@@ -76,9 +78,50 @@ class InputProcessor:
         """A prompt's token ids as plain ints (`ValueError` for anything else)."""
         return canonical_request("", self.tokenize(prompt)[1], SamplingParams()).prompt_token_ids
 
-    def tokenize(self, prompt: PromptType) -> tuple[str | None, Any]:
+    def tokenize(
+        self, prompt: PromptType, text_ids: list[int] | None = None
+    ) -> tuple[str | None, Any]:
         """(prompt text or None, token ids as given) for a string, `{"prompt": ...}`,
-        `{"prompt_token_ids": [...]}` or a list of token ids."""
+        `{"prompt_token_ids": [...]}` or a list of token ids. `text_ids`: the text's ids from
+        `batch_text_ids`, so it is not tokenized again."""
+        text, ids = self._text_or_ids(prompt)
+        if ids is None:
+            if self.tokenizer is None:
+                raise ValueError("no tokenizer (skip_tokenizer_init=True): pass prompt_token_ids")
+            ids = text_ids if text_ids is not None else self.tokenizer.encode(check_text(text))
+        return text, ids
+
+    def batch_text_ids(self, prompts: list[PromptType]) -> list[list[int] | None]:
+        """For each prompt given as text, its token ids, all from one tokenizer call; None
+        for a prompt that brings its own ids or that `process` refuses (it then says why).
+
+        A fast tokenizer encodes a batch on every core and pays its Python wrapper once:
+        `LLM.encode` of 10,000 sentences must not tokenize them one by one. The ids are
+        `tokenizer.encode`'s (special tokens added, nothing cut or padded).
+        """
+        texts = [self._valid_text(p) for p in prompts]
+        todo = [i for i, text in enumerate(texts) if text is not None]
+        out: list[list[int] | None] = [None] * len(prompts)
+        if self.tokenizer is None or not todo:
+            return out
+        encoded = self.tokenizer(
+            [texts[i] for i in todo], return_attention_mask=False, return_token_type_ids=False
+        )["input_ids"]
+        for i, ids in zip(todo, encoded):
+            out[i] = ids
+        return out
+
+    def _valid_text(self, prompt: PromptType) -> str | None:
+        """The text `tokenize` would encode for this prompt, or None (ids given, or refused)."""
+        try:
+            text, ids = self._text_or_ids(prompt)
+            return check_text(text) if ids is None and text is not None else None
+        except ValueError:
+            return None
+
+    @staticmethod
+    def _text_or_ids(prompt: PromptType) -> tuple[str | None, Any]:
+        """(text, None) for a prompt to tokenize, (text or None, ids) for one with its ids."""
         if isinstance(prompt, str):
             text, ids = prompt, None
         elif isinstance(prompt, Mapping):
@@ -102,10 +145,6 @@ class InputProcessor:
             raise ValueError(
                 f"prompt must be a str, a dict or a list of token ids, got {type(prompt).__name__}"
             )
-        if ids is None:
-            if self.tokenizer is None:
-                raise ValueError("no tokenizer (skip_tokenizer_init=True): pass prompt_token_ids")
-            ids = self.tokenizer.encode(check_text(text))
         return text, ids
 
     def chat_prompt(

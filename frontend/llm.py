@@ -19,6 +19,7 @@ from zllm.frontend.engine_configs import (
     VllmConfig,
 )
 from zllm.frontend.engine_frontend import EngineFrontend, check_sleep_args
+from zllm.frontend.frozen_heap import frozen_heap
 from zllm.frontend.input_processor import ProcessedRequest, PromptType
 from zllm.frontend.llm_engine import LLMEngine
 from zllm.frontend.metrics_reader import Metric, metrics_from_stats
@@ -77,16 +78,20 @@ class LLM(EngineFrontend):
             raise ValueError(f"{len(prompts)} prompts but {len(priority)} priorities")
         priorities = iter(priority or [0] * len(prompts))
 
-        def prepare(prompt: PromptType, params: SamplingParams | None) -> ProcessedRequest:
+        def prepare(
+            prompt: PromptType, params: SamplingParams | None, text_ids: list[int] | None
+        ) -> ProcessedRequest:
             params = _checked(params or SamplingParams(), SamplingParams)
             return self._prepare(
                 prompt,
                 params.clone(output_kind=RequestOutputKind.FINAL_ONLY),
                 None,
                 next(priorities),
+                text_ids,
             )
 
-        return self._run_batch(_each(prepare, prompts, params_list), use_tqdm)
+        with frozen_heap():  # the prompts' objects are the collector's only work meanwhile
+            return self._run_batch(self._each(prepare, prompts, params_list), use_tqdm)
 
     def encode(
         self,
@@ -112,10 +117,15 @@ class LLM(EngineFrontend):
         prompts = _prompt_list(prompts)
         params_list = _params_list(pooling_params, PoolingParams, len(prompts))
 
-        def prepare(prompt: PromptType, params: PoolingParams | None) -> ProcessedRequest:
-            return self._prepare_pooling(prompt, params, None, truncate_prompt_tokens)
+        def prepare(
+            prompt: PromptType, params: PoolingParams | None, text_ids: list[int] | None
+        ) -> ProcessedRequest:
+            return self._prepare_pooling(
+                prompt, params, None, truncate_prompt_tokens, text_ids=text_ids
+            )
 
-        return self._run_batch(_each(prepare, prompts, params_list), use_tqdm)
+        with frozen_heap():  # the prompts' objects are the collector's only work meanwhile
+            return self._run_batch(self._each(prepare, prompts, params_list), use_tqdm)
 
     def embed(
         self,
@@ -134,6 +144,18 @@ class LLM(EngineFrontend):
             pooling_task="embed",
         )
         return [EmbeddingRequestOutput.from_base(o) for o in outputs]
+
+    def _each(self, prepare: Callable, prompts: list, params_list: list) -> list[ProcessedRequest]:
+        """Every request checked before any is sent (a bad one costs the others nothing); an
+        error names the prompt's index. The prompts' texts are tokenized in one batch first."""
+        text_ids = self.processor.batch_text_ids(prompts)
+        prepared = []
+        for i, (prompt, params, ids) in enumerate(zip(prompts, params_list, text_ids)):
+            try:
+                prepared.append(prepare(prompt, params, ids))
+            except ValueError as e:
+                raise ValueError(f"prompts[{i}]: {e}") from None
+        return prepared
 
     def _run_batch(self, prepared: list[ProcessedRequest], use_tqdm: bool) -> list[Any]:
         """Send checked requests together; return their final outputs in order.
@@ -344,18 +366,6 @@ def _checked(params: Any, kind: type) -> Any:
     if not isinstance(params, kind):
         raise ValueError(f"expected {kind.__name__}, got {type(params).__name__}")
     return params
-
-
-def _each(prepare: Callable, prompts: list, params_list: list) -> list[ProcessedRequest]:
-    """Every request checked before any is sent (a bad one costs the others nothing); an error
-    names the prompt's index."""
-    prepared = []
-    for i, (prompt, params) in enumerate(zip(prompts, params_list)):
-        try:
-            prepared.append(prepare(prompt, params))
-        except ValueError as e:
-            raise ValueError(f"prompts[{i}]: {e}") from None
-    return prepared
 
 
 def _no_lora(lora_request: Any) -> None:

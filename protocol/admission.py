@@ -139,8 +139,8 @@ def request_error(add: AddRequest, limits: AdmissionLimits) -> str | None:
     ids, vocab = add.prompt_token_ids, limits.vocab_size
     if not ids:
         return "the prompt is empty"
-    bad = next((i for i, t in enumerate(ids) if not 0 <= t < vocab), None)
-    if bad is not None:
+    if min(ids) < 0 or max(ids) >= vocab:  # in C: this runs for every request, twice in the core
+        bad = next(i for i, t in enumerate(ids) if not 0 <= t < vocab)
         return f"prompt_token_ids[{bad}] = {ids[bad]} is outside the vocabulary [0, {vocab})"
     if add.priority != 0 and not limits.priority_scheduling:
         return (

@@ -29,6 +29,11 @@ TASKS = ("auto", "generate", "embed")
 _TASK_RUNNER = {"auto": "auto", "generate": "generate", "embed": "pooling"}
 # Bidirectional attention: every token sees the whole prompt, so nothing is cached or chunked.
 ENCODER_ARCHITECTURES = frozenset({"BertModel"})
+# Default step token budgets (vLLM's): 2048 balances a generating engine's inter-token latency
+# against time to first token; an engine that only pools has no inter-token latency to protect,
+# so it takes much larger steps (vLLM's POOLING_MODEL_MAX_NUM_BATCHED_TOKENS).
+DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
+POOLING_MAX_NUM_BATCHED_TOKENS = 32768
 
 
 # EngineArgs fields that only a client of a `zllm engine-core` daemon uses, with defaults.
@@ -207,12 +212,20 @@ class EngineArgs(msgspec.Struct, kw_only=True):
             return self.dtype
         return "bfloat16" if device.startswith("cuda") else "float32"
 
-    def resolved_max_num_batched_tokens(self, max_model_len: int) -> int:
+    def resolved_max_num_batched_tokens(
+        self, max_model_len: int, pooling_only: bool = False
+    ) -> int:
+        """`max_num_batched_tokens`, else vLLM's default: 2048 (at least `max_model_len` without
+        chunked prefill), raised to 32768 for an engine that only pools (`pooling_only`, see
+        `ModelConfig.pooling_only`): many short prompts then share a step instead of ~25."""
         if self.max_num_batched_tokens is not None:
             return self.max_num_batched_tokens
-        if self.enable_chunked_prefill:
-            return 2048
-        return max(max_model_len, 2048)
+        tokens = DEFAULT_MAX_NUM_BATCHED_TOKENS
+        if not self.enable_chunked_prefill:
+            tokens = max(max_model_len, tokens)
+        if pooling_only:
+            tokens = max(tokens, POOLING_MAX_NUM_BATCHED_TOKENS)
+        return tokens
 
 
 class AsyncEngineArgs(EngineArgs, kw_only=True):
@@ -249,6 +262,12 @@ class ModelConfig(msgspec.Struct, kw_only=True):
     layer_norm_eps: float = 1e-12  # encoders (LayerNorm) rather than rms_norm_eps
     type_vocab_size: int = 0
     hidden_act: str = "silu"
+
+    @property
+    def pooling_only(self) -> bool:
+        """The engine only pools (an encoder, or `runner="pooling"`): it has no decode steps,
+        so its default step token budget is vLLM's pooling one."""
+        return self.supported_tasks == ["embed"]
 
     @classmethod
     def from_path(

@@ -94,6 +94,29 @@ def test_minilm_matches_sentence_transformers(minilm, minilm_reference) -> None:
 
 
 @pytest.mark.timeout(60)
+def test_a_batch_is_tokenized_as_each_prompt_alone(minilm) -> None:
+    """`embed` tokenizes a batch's texts in one tokenizer call: each prompt, whatever its
+    form, gets the ids it gets alone, and a bad prompt still names its index."""
+    encode = minilm.get_tokenizer().encode
+    texts = SENTENCES[:5]
+    prompts = [
+        texts[0],
+        {"prompt": texts[1]},
+        {"prompt_token_ids": encode(texts[2])},
+        encode(texts[3]),
+        {"prompt": "not these words", "prompt_token_ids": encode(texts[4])},
+    ]
+    outputs = minilm.embed(prompts)
+    assert [o.prompt_token_ids for o in outputs] == [encode(t) for t in texts]
+    alone = [minilm.embed(p)[0] for p in prompts]
+    assert cosines(vectors(outputs), vectors(alone)).min() >= COSINE_BAR  # batched vs alone
+    with pytest.raises(ValueError, match=r"prompts\[2\]: the prompt is not valid Unicode"):
+        minilm.embed(["fine", {"prompt": "fine"}, "caf\udce9", {"bad": 1}])
+    with pytest.raises(ValueError, match=r"prompts\[1\]: unsupported prompt keys \['bad'\]"):
+        minilm.embed(["fine", {"bad": 1}, "caf\udce9"])
+
+
+@pytest.mark.timeout(60)
 def test_semantic_sanity(minilm) -> None:
     food, bread, horse = vectors(minilm.embed(SENTENCES[:3]))
     assert torch.dot(food, bread) > torch.dot(food, horse)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from conftest import checkpoint_variant, sentence_transformers_files
 
-from zllm.protocol.config import ModelConfig
+from zllm.protocol.config import EngineArgs, ModelConfig
 
 
 def test_minilm_pools_as_its_sentence_transformers_files_say(embedding_model_path) -> None:
@@ -28,6 +28,27 @@ def test_runner_decides_what_a_decoder_serves(tiny_checkpoints) -> None:
     assert (auto.pooler_config.pooling_type, auto.pooler_config.normalize) == ("LAST", True)
     assert ModelConfig.from_path(path, runner="generate").pooler_config is None
     assert ModelConfig.from_path(path, runner="pooling").supported_tasks == ["embed"]
+
+
+def test_an_engine_that_only_pools_takes_vllms_larger_default_steps(
+    embedding_model_path, tiny_checkpoints
+) -> None:
+    """vLLM's defaults: 2048 tokens a step, 32768 for a pooling model (no decode latency to
+    protect); an explicit `max_num_batched_tokens` always wins."""
+    encoder = ModelConfig.from_path(embedding_model_path)
+    decoder = ModelConfig.from_path(tiny_checkpoints["llama"])
+    pooling_decoder = ModelConfig.from_path(tiny_checkpoints["llama"], runner="pooling")
+    assert (encoder.pooling_only, decoder.pooling_only, pooling_decoder.pooling_only) == (
+        True,
+        False,
+        True,
+    )
+    args = EngineArgs()
+    assert args.resolved_max_num_batched_tokens(256, encoder.pooling_only) == 32768
+    assert args.resolved_max_num_batched_tokens(1024, decoder.pooling_only) == 2048
+    assert EngineArgs(enable_chunked_prefill=False).resolved_max_num_batched_tokens(4096) == 4096
+    explicit = EngineArgs(max_num_batched_tokens=512)
+    assert explicit.resolved_max_num_batched_tokens(256, pooling_only=True) == 512
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ from zllm.core.kv_cache_manager import KVCacheManager
 from zllm.core.request import Request, RequestStatus
 from zllm.core.scheduler import ScheduledStep, Scheduler
 from zllm.core.worker_batch import WorkerBatch
+from zllm.protocol.pooling_params import PoolingParams
 from zllm.protocol.sampling_params import SamplingParams
 from zllm.protocol.worker_messages import ExecuteModel
 
@@ -245,3 +246,61 @@ def test_stats_report_the_engine_state() -> None:
     assert (stats.kv_blocks_used, stats.kv_blocks_total) == (3, 10)
     assert stats.num_scheduled_tokens == 9 and stats.num_prefill_tokens == 9
     assert stats.num_steps == 1
+
+
+def make_pooling_request(key: str, num_prompt: int, client: bytes = b"c") -> Request:
+    """An encoder's pooling request: bidirectional, never split, reads no cached prefix."""
+    first = 1000 * (zlib.crc32(key.encode()) % 10000)
+    return Request(
+        key=key,
+        client=client,
+        request_id=key,
+        prompt_token_ids=list(range(first, first + num_prompt)),
+        sampling_params=None,
+        eos_token_ids=[EOS],
+        max_model_len=4096,
+        pooling_params=PoolingParams(normalize=True),
+        is_causal=False,
+        pools_last_token_only=False,
+    )
+
+
+def test_pooled_requests_leave_their_seats_and_blocks_to_the_next_step_while_in_flight() -> None:
+    """With overlap, step N+1 is scheduled before step N returns: a full batch of pooling
+    requests must not keep it empty (`max_num_seqs`, blocks) while their vectors are computed."""
+    sched = make_scheduler(num_blocks=4, block_size=4, max_num_seqs=2, max_num_batched_tokens=64)
+    batch = WorkerBatch(sched.kv)
+    requests = [make_pooling_request(k, 8) for k in "abcd"]
+    for r in requests:
+        sched.add(r)
+    first = sched.schedule()
+    message, _ = batch.build(first)
+    assert [r.key for r in first.requests] == ["a", "b"] and len(message.new_block_ids) == 2
+    sched.release_pooled(first)
+    assert sched.kv.num_used_blocks == 0 and not sched.running
+    second = sched.schedule()  # while the first is in flight
+    assert [r.key for r in second.requests] == ["c", "d"]
+    sched.release_pooled(second)
+    sched.finish(requests[2], "abort")  # aborted in flight: finished, nothing else to undo
+    assert sched.update(first, {}) == requests[:2]
+    assert sched.update(second, {}) == [requests[3]]
+    assert [r.finish_reason for r in requests] == ["stop", "stop", "abort", "stop"]
+    assert all(r.status == RequestStatus.FINISHED for r in requests)
+    assert not sched.has_work() and sched.kv.num_used_blocks == 0
+    assert batch.build(sched.schedule())[0] == ExecuteModel()  # slots freed, told next time
+
+
+def test_waiting_queues_count_their_clients() -> None:
+    """The scheduler asks the queue how many clients wait (clients take turns only when
+    several do) instead of scanning every waiting request each step."""
+    for policy in ("fcfs", "priority"):
+        sched = Scheduler(KVCacheManager(64, 4), 8, 32, True, policy)
+        a1, a2 = make_pooling_request("a1", 4, b"A"), make_pooling_request("a2", 4, b"A")
+        b1 = make_pooling_request("b1", 4, b"B")
+        for r in (a1, a2, b1):
+            sched.add(r)
+        assert sched.waiting.num_clients == 2
+        sched.finish(b1, "abort")
+        assert sched.waiting.num_clients == 1
+        step, _ = run_step(sched)
+        assert step.requests == [a1, a2] and sched.waiting.num_clients == 0

@@ -17,7 +17,7 @@ import msgspec
 import zmq
 
 from zllm.protocol.config import EngineArgs, ModelConfig
-from zllm.protocol.process import die_with_parent, remove_at_exit
+from zllm.protocol.process import die_with_parent, freeze_startup_heap, remove_at_exit
 from zllm.protocol.worker_messages import (
     ExecuteModel,
     WorkerFailed,
@@ -108,11 +108,9 @@ def run_worker(
         from zllm.worker.worker import Worker
 
         worker = Worker(engine_args, model_config, rank, world_size, dist_init_method)
-        sock.send(
-            encode(
-                WorkerHello(rank=rank, pid=os.getpid(), num_kv_blocks=worker.available_kv_blocks())
-            )
-        )
+        hello = WorkerHello(rank=rank, pid=os.getpid(), num_kv_blocks=worker.available_kv_blocks())
+        sock.send(encode(hello))
+        freeze_startup_heap()  # the model is loaded: what is alive now stays for good
         serve_steps(worker, steps, sock, rank)
     except BaseException as e:
         if not isinstance(e, KeyboardInterrupt | SystemExit):

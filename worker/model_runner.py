@@ -27,7 +27,7 @@ from zllm.worker.input_batch import InputBatch, SlotState, StepInputs
 from zllm.worker.layers.attention import AttentionBackend, TorchAttentionBackend
 from zllm.worker.layers.linear import tp_rank, tp_size
 from zllm.worker.models.interface import Model
-from zllm.worker.pooler import Pooler, PoolingChunk
+from zllm.worker.pooler import Pooler, PoolingChunks
 from zllm.worker.sampler import Sampler, SamplingRequest, gather_logprobs
 
 PROMPT_LOGPROBS_ROWS = 512  # prompt positions per logits matmul: bounds the [rows, V] buffer
@@ -136,11 +136,11 @@ class ModelRunner:
     def must_finish_first(self, step: ExecuteModel, pending: PendingStep) -> bool:
         """Whether `step` reads tokens `pending` is still sampling (penalties and the like
         look at every generated token on the host): then `pending` must finish first."""
-        waiting = set(pending.slots.tolist())
+        waiting = set(pending.slots.tolist())  # rows the batch has: they were launched
+        states = self.batch.states  # `step`'s new slots may lie past them until it is applied
         return any(
-            slot in waiting and self.batch.states[slot].reads_output_tokens
+            slot in waiting and states[slot] is not None and states[slot].reads_output_tokens
             for slot in step.slots
-            if self.batch.states[slot] is not None
         )
 
     @torch.inference_mode()
@@ -291,17 +291,15 @@ class ModelRunner:
             dist.broadcast(token_ids, src=0)
         return token_ids, gathered
 
-    def _pool_chunks(self, inputs: StepInputs, pooling: np.ndarray) -> list[PoolingChunk]:
-        return [
-            PoolingChunk(
-                int(inputs.slots[i]),
-                int(inputs.query_start[i]),
-                int(inputs.num_scheduled[i]),
-                int(inputs.start[i]),
-                bool(inputs.ends[i]),
-            )
-            for i in np.flatnonzero(pooling).tolist()
-        ]
+    def _pool_chunks(self, inputs: StepInputs, pooling: np.ndarray) -> PoolingChunks:
+        i = np.flatnonzero(pooling)
+        return PoolingChunks(
+            inputs.slots[i],
+            inputs.query_start[i],
+            inputs.num_scheduled[i],
+            inputs.start[i],
+            inputs.ends[i],
+        )
 
     def _require_pooler(self) -> Pooler:
         if self.pooler is None:

@@ -108,7 +108,9 @@ class Worker:
             self.num_kv_heads,
             model_config.head_dim,
             engine_args.max_num_seqs,
-            engine_args.resolved_max_num_batched_tokens(model_config.max_model_len),
+            engine_args.resolved_max_num_batched_tokens(
+                model_config.max_model_len, model_config.pooling_only
+            ),
             model_config.max_model_len,
         )
         self.runner = ModelRunner(
@@ -175,7 +177,7 @@ class Worker:
                     f"kv_cache_memory_bytes: {self.model_config.architecture} keeps no KV cache"
                 )
             tokens = self.engine_args.resolved_max_num_batched_tokens(
-                self.model_config.max_model_len
+                self.model_config.max_model_len, self.model_config.pooling_only
             )
             return -(-tokens // self.engine_args.block_size) + self.engine_args.max_num_seqs
         per_block = self.runner.kv_bytes_per_block(self.num_kv_heads)
@@ -199,7 +201,9 @@ class Worker:
 
     def _profile_run(self) -> None:
         """A forward pass at the largest step size, to measure peak activation memory."""
-        tokens = self.engine_args.resolved_max_num_batched_tokens(self.model_config.max_model_len)
+        tokens = self.engine_args.resolved_max_num_batched_tokens(
+            self.model_config.max_model_len, self.model_config.pooling_only
+        )
         tokens = min(tokens, self.model_config.max_model_len)
         bs = self.engine_args.block_size
         blocks = -(-tokens // bs)

@@ -14,7 +14,11 @@ from torch import nn
 
 from zllm.protocol.config import ModelConfig
 from zllm.worker.checkpoint_tensor import CheckpointTensor
-from zllm.worker.layers.encoder_attention import EncoderAttentionMetadata, encoder_attention
+from zllm.worker.layers.encoder_attention import (
+    EncoderAttentionMetadata,
+    EncoderPass,
+    encoder_attention,
+)
 from zllm.worker.layers.linear import ColumnParallelLinear, RowParallelLinear, tp_size
 from zllm.worker.models.interface import Model
 
@@ -74,12 +78,8 @@ class BertAttention(nn.Module):
         self.output = BertOutput(hidden, config)
 
     def forward(self, x: torch.Tensor, meta: EncoderAttentionMetadata) -> torch.Tensor:
-        t = x.shape[0]
-        q, k, v = (
-            part.view(t, self.num_heads, self.head_dim) for part in self.qkv_proj(x).chunk(3, -1)
-        )
-        o = encoder_attention(q, k, v, meta, self.scale)
-        return self.output(o.reshape(t, -1), x)
+        o = encoder_attention(self.qkv_proj(x), self.num_heads, meta, self.scale)
+        return self.output(o.reshape(x.shape[0], -1), x)
 
 
 class BertIntermediate(nn.Module):
@@ -137,7 +137,18 @@ class BertModel(Model):
         input_ids: torch.Tensor,
         positions: torch.Tensor,
         kv_caches: list[torch.Tensor],
-        meta: EncoderAttentionMetadata,
+        meta: list[EncoderPass],
+    ) -> torch.Tensor:
+        """The step's hidden states, pass by pass (a prompt attends to itself alone, so the
+        passes are independent: `EncoderAttentionBackend` says why there may be several)."""
+        if len(meta) == 1:
+            return self._encode(input_ids, positions, meta[0].attention)
+        return torch.cat(
+            [self._encode(input_ids[p.rows], positions[p.rows], p.attention) for p in meta]
+        )
+
+    def _encode(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: EncoderAttentionMetadata
     ) -> torch.Tensor:
         x = self.embeddings(input_ids, positions)
         for layer in self.encoder.layer:
