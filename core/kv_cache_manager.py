@@ -110,6 +110,13 @@ class KVCacheManager:
     ) -> bool:
         """Make room for `num_new_tokens` more tokens of `request`; False (nothing changed) if
         the pool cannot hold them."""
+        owned = self.req_blocks.get(request.key)
+        if owned is not None and not computed_blocks:  # a running request: most steps fit
+            num_tokens = request.num_computed_tokens + num_new_tokens
+            if num_tokens <= len(owned) * self.block_size:
+                if self.enable_prefix_caching and request.writes_prefix_cache:
+                    self._cache_full_blocks(request, num_tokens)
+                return True
         computed_blocks = computed_blocks or []
         owned = self.req_blocks.get(request.key, [])
         num_computed = request.num_computed_tokens + len(computed_blocks) * self.block_size
