@@ -13,6 +13,7 @@ it can, so the device does not wait while the host prepares a step.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -22,13 +23,15 @@ from zllm.protocol.config import ModelConfig
 from zllm.protocol.messages import Logprobs
 from zllm.protocol.worker_messages import ExecuteModel, ModelOutput, NewRequest, WorkerSlot
 from zllm.worker import transfer
-from zllm.worker.cuda_graphs import DecodeGraphs
 from zllm.worker.input_batch import InputBatch, SlotState, StepInputs
 from zllm.worker.layers.attention import AttentionBackend, TorchAttentionBackend
 from zllm.worker.layers.linear import tp_rank, tp_size
 from zllm.worker.models.interface import Model
 from zllm.worker.pooler import Pooler, PoolingChunks
 from zllm.worker.sampler import Sampler, SamplingRequest, gather_logprobs
+
+if TYPE_CHECKING:  # imports triton, which a CPU-only install may lack
+    from zllm.worker.cuda_graphs import DecodeGraphs
 
 PROMPT_LOGPROBS_ROWS = 512  # prompt positions per logits matmul: bounds the [rows, V] buffer
 
@@ -91,6 +94,7 @@ class ModelRunner:
     def use_cuda_graphs(self, sizes: list[int]) -> None:
         """Replay decode steps of up to `max(sizes)` requests from CUDA graphs (captured by
         `capture_graphs` once the KV cache exists)."""
+        from zllm.worker.cuda_graphs import DecodeGraphs
         from zllm.worker.layers.triton_attention import TritonAttentionBackend
 
         if not isinstance(self.attn_backend, TritonAttentionBackend):
