@@ -37,6 +37,7 @@ class ScheduledStep:
     ends_tokens: list[bool] = field(default_factory=list)
     finished_keys: list[str] = field(default_factory=list)  # ended since the last step
     preempted_keys: list[str] = field(default_factory=list)  # lost their blocks since then
+    pooled: list[Request] = field(default_factory=list)  # pooling requests it ends
 
     @property
     def total_tokens(self) -> int:
@@ -159,7 +160,9 @@ class Scheduler:
             request.num_computed_tokens = done + n
             ends = request.num_computed_tokens == request.num_tokens_with_placeholders
             step.ends_tokens.append(ends)
-            if ends and not request.is_pooling:
+            if ends and request.is_pooling:
+                step.pooled.append(request)
+            elif ends:
                 request.num_output_placeholders += 1
         return step
 
@@ -170,12 +173,8 @@ class Scheduler:
         short prompts would leave no room for the next step until this one returned, and
         engine-core and the workers would take turns. Freeing blocks a step in flight still
         writes is safe: every later step runs after it."""
-        released = [
-            request
-            for request, ends in zip(step.requests, step.ends_tokens)
-            if ends and request.is_pooling and request.status == RequestStatus.RUNNING
-        ]
-        if not released:
+        released = [r for r in step.pooled if r.status == RequestStatus.RUNNING]
+        if not released:  # a generation step: nothing to look at
             return
         for request in released:
             request.status = RequestStatus.POOLED
