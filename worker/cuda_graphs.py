@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
@@ -114,17 +113,11 @@ class DecodeGraphs:
         torch.cuda.synchronize(self.device)
         return time.perf_counter() - start
 
-    def replay(
-        self,
-        inputs: StepInputs,
-        size: int,
-        write_input_ids: Callable[[StepInputs, torch.Tensor], torch.Tensor],
-    ) -> GraphOutputs:
+    def replay(self, inputs: StepInputs, size: int) -> GraphOutputs:
         """The step's hidden states `[n, hidden]` (and logits, greedy ids), from the graph of
-        `size` rows. `write_input_ids(inputs, buffer)` puts the step's ids in the graph's."""
+        `size` rows. The caller has put the step's ids in `input_ids[:n]`."""
         n = len(inputs.slots)
         self.backend.build_metadata(inputs, pad_to=size)
-        write_input_ids(inputs, self.input_ids[:n])
         transfer.copy_into(self.positions[:n], inputs.positions)
         graph, outputs = self._graphs[size]
         graph.replay()

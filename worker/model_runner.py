@@ -179,7 +179,8 @@ class ModelRunner:
             rows.targets_t = transfer.to_device(rows.targets, torch.long, self.device)
         replayed = None
         if graph_size is not None:
-            replayed = self.graphs.replay(inputs, graph_size, self._input_ids)
+            self._input_ids(inputs, self.graphs.input_ids[: len(inputs.slots)])
+            replayed = self.graphs.replay(inputs, graph_size)
             hidden = replayed.hidden
         else:
             ids_t = self._input_ids(inputs, torch.empty(len(inputs.input_ids), **self._long))
