@@ -1,4 +1,4 @@
-"""The `zllm bench` subcommands: throughput, latency, profile, serve (the `zllm` CLI only
+"""The `zllm bench` subcommands: throughput, latency, profile, busy, serve (the `zllm` CLI only
 dispatches here). Each prints a table, or one JSON document with `--json`."""
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def _peer(parser: argparse.ArgumentParser) -> None:
 
 
 def add_bench_parser(sub) -> None:
-    bench = sub.add_parser("bench", help="benchmarks: throughput, latency, profile, serve")
+    bench = sub.add_parser("bench", help="benchmarks: throughput, latency, profile, busy, serve")
     kinds = bench.add_subparsers(dest="bench_command", required=True)
 
     tp = kinds.add_parser("throughput", help="N random prompts at once (offline throughput)")
@@ -73,6 +73,16 @@ def add_bench_parser(sub) -> None:
         "--top-kernels", type=int, default=0, metavar="N", help="list the N costliest kernels"
     )
     prof.set_defaults(func=cmd_profile)
+
+    busy = kinds.add_parser(
+        "busy", help="N requests decoding through the engine: the device's busy share"
+    )
+    _common(busy)
+    busy.add_argument("--num-requests", type=int, default=256)
+    busy.add_argument("--input-len", type=int, default=256)
+    busy.add_argument("--warmup", type=int, default=32, help="decode steps before the window")
+    busy.add_argument("--window", type=int, default=128, help="decode steps profiled")
+    busy.set_defaults(func=cmd_busy)
 
     srv = kinds.add_parser("serve", help="load a running server: TTFT, TPOT, ITL, throughput")
     srv.add_argument("--base-url", default="http://127.0.0.1:8000", help="the server's URL")
@@ -225,6 +235,19 @@ def cmd_profile(ns: argparse.Namespace) -> int:
         print("us/step  per step  kernel")
         for k in result["top_kernels"]:
             print(f"{k['us_per_step']:>7}  {k['per_step']:>8}  {k['name']}")
+    return 0
+
+
+def cmd_busy(ns: argparse.Namespace) -> int:
+    from zllm.bench import engine_busy
+
+    source = _source(ns)
+    result = engine_busy.run(
+        source, ns.num_requests, ns.input_len, ns.warmup, ns.window, _engine_kwargs(ns)
+    )
+    doc = {**_header(ns, source), "results": [result]}
+    columns = ["wall_ms_per_step", "ms_per_step", "busy_share", "decode_steps", "measured"]
+    _print(doc, ns.json, columns)
     return 0
 
 

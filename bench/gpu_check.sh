@@ -26,8 +26,9 @@
 #            (the default), without it, and the worker inside engine-core (uni); beside them
 #            the worker's own step time (bench profile). Bar: per-token time with worker
 #            processes <= 1.1x the worker's step time
-#   busy     Qwen2.5-0.5B, 256 requests decoding: the worker's step, GPU busy share (bar:
-#            >= 90%), and the same 256 requests through LLM for the engine's tok/s
+#   busy     Qwen2.5-0.5B, 256 requests decoding through the engine's processes: GPU busy
+#            share over 256 decode steps (`zllm bench busy`; bar: >= 90%); beside it the
+#            worker's step alone (`zllm bench profile`) and 256 x 256/256 through LLM (tok/s)
 #   serve    Llama-3.1-8B shape behind `zllm serve` (random weights, no tokenizer): `zllm bench
 #            serve`, 1024 in / 128 out, at 4 and 16 requests/s (TTFT/TPOT p50/p99)
 #   embed    all-MiniLM-L6-v2, 10,000 sentences: zllm `LLM.embed` vs sentence-transformers
@@ -102,6 +103,8 @@ for stage in "${stages[@]}"; do
         run boundary "${ZLLM[@]}" bench profile --shape qwen2.5-0.5b --batch 1 \
             --context-len 256 --json ;;
     busy)
+        run busy "${ZLLM[@]}" bench busy --shape qwen2.5-0.5b --num-requests 256 \
+            --input-len 256 --window 256 --json
         run busy "${ZLLM[@]}" bench profile --shape qwen2.5-0.5b --batch 256 \
             --context-len 256 --json
         run busy "${ZLLM[@]}" bench throughput --shape qwen2.5-0.5b --num-prompts 256 \

@@ -55,6 +55,37 @@ def test_profile():
     assert "CPU" in r["measured"] or r["device"].startswith("cuda")
 
 
+def test_busy():
+    doc = bench(
+        "busy", "--shape", "tiny", "--num-requests", "4", "--input-len", "8", "--warmup", "2",
+        "--window", "4", "--max-model-len", "256",
+    )  # fmt: skip
+    (r,) = doc["results"]
+    assert r["requests"] == 4 and r["window_steps"] == 4 and r["wall_ms_per_step"] > 0
+    assert "CPU" in r["measured"] or 0 < r["busy_share"] <= 1
+
+
+def test_busy_share_of_a_trace(tmp_path):
+    """The device's activity over the middle 80% of its span: overlaps count once, a step is
+    a CUDA-graph launch."""
+    from zllm.bench.engine_busy import device_activity
+
+    kernels = [(0, 40), (20, 60), (60, 80), (90, 100)]  # busy 0-80 and 90-100 of 0-100
+    events = [{"ph": "X", "cat": "kernel", "name": "k", "ts": a, "dur": b - a} for a, b in kernels]
+    events += [{"ph": "X", "cat": "cuda_runtime", "name": "cudaGraphLaunch", "ts": t, "dur": 1}
+               for t in (5, 15, 50, 95)]  # fmt: skip
+    path = tmp_path / "trace.json"
+    path.write_text(json.dumps({"traceEvents": events}))
+    activity = device_activity(str(path))
+    # Window 10-90: busy 10-80 = 70 of 80; launches at 15 and 50 fall inside.
+    assert activity == {
+        "window_ms": 0.08,
+        "busy_share": 0.875,
+        "decode_steps": 2,
+        "ms_per_step": 0.04,
+    }
+
+
 def test_bad_arguments_name_the_option():
     out = subprocess.run(
         [*ZLLM, "bench", "throughput", "--shape", "tiny", "--input-len", "9:3"],
