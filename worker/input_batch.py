@@ -91,6 +91,7 @@ class InputBatch:
         self.num_computed = np.zeros(0, np.int64)
         self.num_blocks = np.zeros(0, np.int64)
         self.plain_greedy = np.zeros(0, bool)
+        self.reads_output = np.zeros(0, bool)  # `SlotState.reads_output_tokens`, per slot
         self.pooling = np.zeros(0, bool)
         self.prompt_logprobs = np.zeros(0, bool)
         self.states: list[SlotState | None] = []
@@ -110,6 +111,7 @@ class InputBatch:
         self.num_computed = grown(self.num_computed)
         self.num_blocks = grown(self.num_blocks)
         self.plain_greedy = grown(self.plain_greedy)
+        self.reads_output = grown(self.reads_output)
         self.pooling = grown(self.pooling)
         self.prompt_logprobs = grown(self.prompt_logprobs)
         self.states += [None] * (num_slots - old)
@@ -120,6 +122,7 @@ class InputBatch:
         """Apply a step's changes. `new_state(NewRequest)` builds the state of a new request."""
         for slot in step.finished_slots:
             self.states[slot] = None
+            self.reads_output[slot] = False
         for slot in step.preempted_slots:
             self.num_blocks[slot] = 0
         for new in step.new_requests:
@@ -141,6 +144,7 @@ class InputBatch:
         self.num_computed[new.slot] = 0
         self.num_blocks[new.slot] = 0
         self.plain_greedy[new.slot] = state.plain_greedy
+        self.reads_output[new.slot] = state.reads_output_tokens
         self.pooling[new.slot] = state.pooling_params is not None
         params = state.sampling_params
         self.prompt_logprobs[new.slot] = params is not None and params.prompt_logprobs is not None

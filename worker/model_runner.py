@@ -140,6 +140,8 @@ class ModelRunner:
     def must_finish_first(self, step: ExecuteModel, pending: PendingStep) -> bool:
         """Whether `step` reads tokens `pending` is still sampling (penalties and the like
         look at every generated token on the host): then `pending` must finish first."""
+        if not self.batch.reads_output.any():  # the usual case, whatever the batch size
+            return False
         waiting = set(pending.slots.tolist())  # rows the batch has: they were launched
         states = self.batch.states  # `step`'s new slots may lie past them until it is applied
         return any(
@@ -179,11 +181,12 @@ class ModelRunner:
             rows.targets_t = transfer.to_device(rows.targets, torch.long, self.device)
         replayed = None
         if graph_size is not None:
-            self._input_ids(inputs, self.graphs.input_ids[: len(inputs.slots)])
+            slots_t = self._input_ids(inputs, self.graphs.input_ids[: len(inputs.slots)])
             replayed = self.graphs.replay(inputs, graph_size)
             hidden = replayed.hidden
         else:
-            ids_t = self._input_ids(inputs, torch.empty(len(inputs.input_ids), **self._long))
+            ids_t = torch.empty(len(inputs.input_ids), **self._long)
+            slots_t = self._input_ids(inputs, ids_t)
             pos_t = transfer.to_device(inputs.positions, torch.long, self.device)
             meta = self.attn_backend.build_metadata(inputs)
             hidden = self.model(ids_t, pos_t, self.kv_caches, meta)
@@ -201,7 +204,7 @@ class ModelRunner:
                 sample_rows = hidden if every_row_samples else hidden[sample_t]
                 logits = self.model.logits(sample_rows)  # None on ranks other than 0
             token_ids, pending.gathered = self._sample(logits, slots, greedy)
-            self._remember(slots, token_ids)
+            self._remember(slots, token_ids, slots_t if every_row_samples else None)
             pending.slots = slots
             pending.states = [self.batch.states[s] for s in slots.tolist()]
             pending.positions = self.batch.reserve_tokens(slots)
@@ -234,28 +237,38 @@ class ModelRunner:
             pooled=pending.pooled,
         )
 
-    def _input_ids(self, inputs: StepInputs, ids_t: torch.Tensor) -> torch.Tensor:
+    def _input_ids(self, inputs: StepInputs, ids_t: torch.Tensor) -> torch.Tensor | None:
         """The step's token ids, written into `ids_t` on the device; a token a launched step
-        is still sampling (-1 on the host) comes from that step's result on the device."""
+        is still sampling (-1 on the host) comes from that step's result on the device.
+        Returns the step's slots on the device when it copied them (a decode step)."""
+        missing = inputs.input_ids < 0
+        if len(inputs.input_ids) == len(inputs.slots) and missing.all():
+            # Decodes, each of the token a launched step is sampling: one gather.
+            slots_t = transfer.to_device(inputs.slots, torch.long, self.device)
+            torch.index_select(self._last_sampled, 0, slots_t, out=ids_t)
+            return slots_t
         transfer.copy_into(ids_t, inputs.input_ids)
-        missing = np.flatnonzero(inputs.input_ids < 0)
-        if len(missing):
-            slots = np.repeat(inputs.slots, inputs.num_scheduled)[missing]
-            rows_t = transfer.to_device(missing, torch.long, self.device)
+        rows = np.flatnonzero(missing)
+        if len(rows):
+            slots = np.repeat(inputs.slots, inputs.num_scheduled)[rows]
+            rows_t = transfer.to_device(rows, torch.long, self.device)
             slots_t = transfer.to_device(slots, torch.long, self.device)
-            ids_t[rows_t] = self._last_sampled[slots_t]
-        return ids_t
+            ids_t.index_copy_(0, rows_t, self._last_sampled.index_select(0, slots_t))
+        return None
 
-    def _remember(self, slots: np.ndarray, token_ids: torch.Tensor) -> None:
+    def _remember(
+        self, slots: np.ndarray, token_ids: torch.Tensor, slots_t: torch.Tensor | None = None
+    ) -> None:
         """Each slot's newest sampled token, on the device (for a step launched before this
-        one finishes)."""
+        one finishes). `slots_t`: `slots` already on the device."""
         rows = len(self.batch.states)
         if self._last_sampled.numel() < rows:
             grown = torch.zeros(rows, dtype=torch.long, device=self.device)
             grown[: self._last_sampled.numel()] = self._last_sampled
             self._last_sampled = grown
-        slots_t = transfer.to_device(slots, torch.long, self.device)
-        self._last_sampled[slots_t] = token_ids
+        if slots_t is None:
+            slots_t = transfer.to_device(slots, torch.long, self.device)
+        self._last_sampled.index_copy_(0, slots_t, token_ids)
 
     def _new_state(self, new: NewRequest) -> SlotState:
         params = new.sampling_params
