@@ -3,12 +3,13 @@
 `core/server.py` wraps this in the process that talks to frontends; tests can drive it
 directly.
 
-With `async_scheduling` (the default), step N+1 is scheduled and sent while the workers run
-step N (SGLang's overlap scheduler, vLLM's async scheduling): a request whose token step N
-is sampling gets a placeholder, and the worker feeds its own sampled token into step N+1.
-Step N's results are then applied as they come: a request that step N finished (EOS, a stop
-token, `max_tokens`) or that was aborted meanwhile shows nothing of step N+1, and
-`max_tokens` never schedules a step too many (`Request.awaits_last_token`).
+With `async_scheduling` (the default), steps N+1 and N+2 are scheduled and sent while the
+workers run step N (SGLang's overlap scheduler, vLLM's async scheduling, one step deeper): a
+request whose token a step in flight is sampling gets a placeholder, and the worker feeds
+its own sampled token into the next step. Step N's results are then applied as they come: a
+request that step N finished (EOS, a stop token, `max_tokens`) or that was aborted
+meanwhile shows nothing of the steps after it, and `max_tokens` never schedules a step too
+many (`Request.awaits_last_token`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,14 @@ from zllm.protocol.messages import AddRequest, RequestUpdate, SchedulerStats
 from zllm.protocol.worker_messages import ModelOutput, WorkerSlot
 
 logger = logging.getLogger(__name__)
+
+# Steps left in flight when engine-core waits for the oldest one's results. With one, the
+# device idles unless the worker's reply, engine-core's whole step (results, outputs, the
+# next schedule) and the worker's launch of that schedule fit inside one device step; with
+# two, each only has to keep pace with the device (H100, 256 requests of Qwen2.5-0.5B: GPU
+# busy 77% -> 92%, bench/RESULTS.md). A finished request's results from the steps in flight
+# are dropped, so the only cost is up to two steps of its compute.
+STEPS_AHEAD = 2
 
 
 @dataclass
@@ -71,6 +80,7 @@ class EngineCore:
         )
         self.worker_batch = WorkerBatch(self.kv)
         self.async_scheduling = engine_args.async_scheduling and executor.runs_concurrently
+        self.steps_ahead = STEPS_AHEAD if self.async_scheduling else 0
         self._in_flight: deque[_InFlight] = deque()
         self._ready: list[tuple[bytes, RequestUpdate]] = []  # results of steps waited for early
         self.sleeping_level = 0
@@ -163,7 +173,7 @@ class EngineCore:
         if step.requests:
             self.executor.submit(message)
             self._in_flight.append(_InFlight(step, slots))
-        keep = 1 if self.async_scheduling and step.requests else 0
+        keep = self.steps_ahead if step.requests else 0
         while len(self._in_flight) > keep:
             updates += self._collect()
         return updates
@@ -182,7 +192,9 @@ class EngineCore:
         self, step: ScheduledStep, slots: list[WorkerSlot], output: ModelOutput
     ) -> list[tuple[bytes, RequestUpdate]]:
         sampling = [
-            r for r, ends in zip(step.requests, step.ends_tokens) if ends and not r.is_pooling
+            r
+            for r, ends in zip(step.requests, step.ends_tokens)
+            if ends and r.pooling_params is None
         ]
         if len(sampling) != len(output.sampled_token_ids):
             raise RuntimeError(
@@ -192,28 +204,30 @@ class EngineCore:
         sampled = {r.key: t for r, t in zip(sampling, output.sampled_token_ids)}
         logprobs = dict(zip((r.key for r in sampling), output.logprobs)) if output.logprobs else {}
         # Finished while the step ran (aborted, or ended by the step before): nothing to show.
-        gone = {r.key for r in step.requests if r.status == RequestStatus.FINISHED}
+        finished = RequestStatus.FINISHED
+        gone = {r.key for r in step.requests if r.status is finished}
         self.scheduler.update(step, sampled)
+        pooled, prompt_logprobs = output.pooled, output.prompt_logprobs
         updates = []
         for request, slot in zip(step.requests, slots):
-            if request.key in gone:
+            key = request.key
+            if key in gone:
                 continue
-            pooled = output.pooled.get(slot)
-            if pooled is not None:
-                updates.append((request.client, self._pooled_update(request, pooled)))
+            if pooled and slot in pooled:
+                updates.append((request.client, self._pooled_update(request, pooled[slot])))
                 continue
-            token = sampled.get(request.key)
-            prompt_logprobs = output.prompt_logprobs.get(slot)
-            if token is None and prompt_logprobs is None:
+            token = sampled.get(key)
+            scored = prompt_logprobs.get(slot) if prompt_logprobs else None
+            if token is None and scored is None:
                 continue
             update = RequestUpdate(
                 request_id=request.request_id,
                 new_token_ids=[] if token is None else [token],
                 finish_reason=request.finish_reason,
                 stop_reason=request.stop_reason,
-                new_logprobs=logprobs.get(request.key),
-                prompt_logprobs=prompt_logprobs,
-                num_cached_tokens=max(request.num_cached_tokens, 0),
+                new_logprobs=logprobs.get(key) if logprobs else None,
+                prompt_logprobs=scored,
+                num_cached_tokens=request.num_cached_tokens,  # set when it was admitted
                 queue_time=request.take_queue_time(),
             )
             updates.append((request.client, update))
@@ -225,7 +239,7 @@ class EngineCore:
             request_id=request.request_id,
             new_token_ids=[],
             finish_reason=request.finish_reason,
-            num_cached_tokens=max(request.num_cached_tokens, 0),
+            num_cached_tokens=request.num_cached_tokens,  # set when it was admitted
             pooled=pooled,
             queue_time=request.take_queue_time(),
         )

@@ -100,22 +100,31 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         preempted = False
 
+        # Running requests first (this loop runs for every request at every step: engine-core's
+        # hottest, hence the properties spelled out).
+        running, allocate = self.running, self.kv.allocate_slots
         i = 0
-        while i < len(self.running) and budget > 0:
-            request = self.running[i]
-            n = min(request.num_tokens_with_placeholders - request.num_computed_tokens, budget)
-            if n == 0 or request.awaits_last_token:  # its step in flight ends what it has to do
+        while i < len(running) and budget > 0:
+            request = running[i]
+            placeholders = request.num_output_placeholders
+            known = len(request.token_ids) + placeholders  # `num_tokens_with_placeholders`
+            computed = request.num_computed_tokens
+            n = known - computed
+            if n > budget:
+                n = budget
+            if n == 0 or (  # `awaits_last_token`: its step in flight ends what it has to do
+                placeholders and known - request.num_prompt_tokens >= request.max_tokens
+            ):
                 i += 1
                 continue
-            while not self.kv.allocate_slots(request, n):
-                victim = self.running[-1]
+            while not allocate(request, n):
+                victim = running[-1]
                 self.preempt(victim)
                 preempted = True
                 if victim is request:
                     break
             else:
-                step.requests.append(request)
-                step.num_tokens.append(n)
+                self._add_to_step(step, request, n)
                 budget -= n
                 i += 1
 
@@ -148,23 +157,29 @@ class Scheduler:
                 request.queue_time = time.monotonic() - request.queued_at
                 request.queued_at = None
             self.waiting.add_running(self.running, request)
-            step.requests.append(request)
-            step.num_tokens.append(n)
+            self._add_to_step(step, request, n)
             budget -= n
 
         self.num_steps += bool(step.requests)
         self._last_scheduled_tokens = step.total_tokens
-        for request, n in zip(step.requests, step.num_tokens):
-            done = request.num_computed_tokens
-            self.num_prefill_tokens += max(0, min(done + n, request.num_prompt_tokens) - done)
-            request.num_computed_tokens = done + n
-            ends = request.num_computed_tokens == request.num_tokens_with_placeholders
-            step.ends_tokens.append(ends)
-            if ends and request.is_pooling:
-                step.pooled.append(request)
-            elif ends:
-                request.num_output_placeholders += 1
         return step
+
+    def _add_to_step(self, step: ScheduledStep, request: Request, n: int) -> None:
+        """Schedule `n` more tokens of `request`: they count as computed now, and a chunk that
+        reaches the end of its tokens leaves a placeholder for the token it samples."""
+        computed = request.num_computed_tokens
+        if computed < request.num_prompt_tokens:
+            self.num_prefill_tokens += min(computed + n, request.num_prompt_tokens) - computed
+        request.num_computed_tokens = computed + n
+        placeholders = request.num_output_placeholders
+        ends = computed + n == len(request.token_ids) + placeholders
+        step.requests.append(request)
+        step.num_tokens.append(n)
+        step.ends_tokens.append(ends)
+        if ends and request.pooling_params is not None:
+            step.pooled.append(request)
+        elif ends:
+            request.num_output_placeholders = placeholders + 1
 
     def release_pooled(self, step: ScheduledStep) -> None:
         """Pooling requests whose last prompt chunk is in `step` (built and sent) give their
@@ -215,9 +230,9 @@ class Scheduler:
         token: it was sampled from its real context."""
         finished = []
         for request, ends in zip(step.requests, step.ends_tokens):
-            if request.status == RequestStatus.FINISHED or not ends:
+            if not ends or request.status is RequestStatus.FINISHED:
                 continue
-            if request.is_pooling:
+            if request.pooling_params is not None:
                 request.finish_reason = "stop"
                 finished.append(request)
                 continue

@@ -96,3 +96,54 @@ def test_no_token_past_a_stop_string(tiny_checkpoints) -> None:
             SamplingParams(max_tokens=len(out.token_ids) - 1, temperature=0.0, ignore_eos=True),
         )
         assert stop not in shorter.outputs[0].text
+
+
+def test_engine_core_sends_two_steps_ahead_of_the_results_it_waits_for(tmp_path) -> None:
+    """Engine-core waits for step N's results only once steps N+1 and N+2 are sent: the
+    worker then always has a step queued behind the one the device runs."""
+    from collections import deque
+
+    from zllm.bench.shapes import write_shape
+    from zllm.core.engine_core import EngineCore
+    from zllm.core.executor import Executor
+    from zllm.protocol.config import EngineArgs, ModelConfig
+    from zllm.protocol.messages import AddRequest
+    from zllm.protocol.worker_messages import ModelOutput
+
+    class Recording(Executor):
+        num_kv_blocks = 64
+
+        def __init__(self) -> None:
+            self.calls: list[str] = []
+            self.outputs: deque[ModelOutput] = deque()
+
+        def submit(self, step) -> None:
+            self.calls.append("submit")
+            self.outputs.append(ModelOutput(sampled_token_ids=[5] * len(step.slots)))
+
+        def get_output(self) -> ModelOutput:
+            self.calls.append("wait")
+            return self.outputs.popleft()
+
+        def collective_rpc(self, method, *args, kwargs=None, timeout_s=None) -> list:
+            return []
+
+        def check_health(self) -> None: ...
+
+        def ping(self, timeout_s: float) -> None: ...
+
+        def shutdown(self) -> None: ...
+
+    path = str(write_shape("tiny", tmp_path / "tiny"))
+    args = EngineArgs(model=path, max_model_len=256, skip_tokenizer_init=True)
+    executor = Recording()
+    core = EngineCore(args, ModelConfig.from_path(path, max_model_len=256), executor)
+    core.add_request(
+        b"c", AddRequest(request_id="r", prompt_token_ids=[7] * 8, sampling_params=GREEDY)
+    )
+    tokens = []
+    while core.has_work():
+        tokens += [t for _, u in core.step() for t in u.new_token_ids]
+    assert len(tokens) == GREEDY.max_tokens  # no token past max_tokens, none lost
+    assert executor.calls[:5] == ["submit", "submit", "submit", "wait", "submit"]
+    assert executor.calls.count("submit") == GREEDY.max_tokens  # not one step too many
