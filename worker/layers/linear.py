@@ -149,11 +149,24 @@ _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_l
 
 def vocab_logits(hidden: torch.Tensor, weight: torch.Tensor, fused: bool = False) -> torch.Tensor:
     """`hidden @ weight.T` for this rank's vocabulary rows. On the CPU in float32 through
-    oneDNN, which runs this wide, short matmul (e.g. [256, 256] x [256, 32000], most of a CPU
-    decode step) ~1.4x faster than the default BLAS path here; elsewhere `project`."""
+    oneDNN, with the weight kept in oneDNN's own blocked layout: this wide, short matmul
+    (e.g. [256, 256] x [256, 32000], most of a CPU decode step) then runs ~1.5x faster than
+    the default BLAS path, and 2x at 16 rows; elsewhere `project`."""
     if hidden.device.type == "cpu" and hidden.dtype == weight.dtype == torch.float32 and _ONEDNN:
-        return torch.ops.mkldnn._linear_pointwise(hidden.contiguous(), weight, None, "none", [], "")
+        packed = _onednn_layout(weight)
+        return torch.ops.mkldnn._linear_pointwise(hidden.contiguous(), packed, None, "none", [], "")
     return project(hidden, weight, None, fused)
+
+
+def _onednn_layout(weight: torch.Tensor) -> torch.Tensor:
+    """`weight` reordered for oneDNN, kept on the weight itself (one copy of the LM head) and
+    made again when the weight moves or changes in place (reloaded weights, wake-up)."""
+    key = (weight.data_ptr(), weight._version)
+    cached = getattr(weight, "_zllm_onednn", None)
+    if cached is None or cached[0] != key:
+        cached = (key, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None))
+        weight._zllm_onednn = cached
+    return cached[1]
 
 
 def gather_vocab(local: torch.Tensor, vocab_size: int) -> torch.Tensor | None:
