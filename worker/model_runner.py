@@ -378,7 +378,7 @@ class ModelRunner:
             logits = self.model.logits(h)  # every rank: it gathers on rank 0
             if logits is None:
                 continue
-            logprobs = torch.log_softmax(logits, dim=-1)
+            logprobs = torch.log_softmax(logits.float(), dim=-1)
             parts.append(transfer.to_host(gather_logprobs(logprobs, targets[lo:hi], rows.k)))
         return parts
 

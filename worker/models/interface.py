@@ -46,8 +46,9 @@ class Model(nn.Module, ABC):
         return False
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        """Float32 logits `[rows, vocab]` of hidden rows (models with an LM head), on rank 0;
-        None on the other tensor-parallel ranks (every rank must call it: it gathers)."""
+        """Logits `[rows, vocab]` of hidden rows (models with an LM head), in the model's
+        dtype (a greedy argmax needs no float32 copy; the sampler makes one), on rank 0; None
+        on the other tensor-parallel ranks (every rank must call it: it gathers)."""
         raise ValueError(f"{type(self).__name__} has no LM head: it cannot generate")
 
     @abstractmethod

@@ -196,9 +196,7 @@ class LlamaForCausalLM(Model):
         if not self.generates:
             return super().logits(hidden)
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return gather_vocab(
-            vocab_logits(hidden, weight, self.fused).float(), self.config.vocab_size
-        )
+        return gather_vocab(vocab_logits(hidden, weight, self.fused), self.config.vocab_size)
 
     def load_weight(self, name: str, tensor: CheckpointTensor) -> str | None:
         if "rotary_emb" in name or (name == "lm_head.weight" and self.lm_head is None):
