@@ -84,6 +84,9 @@ class ClientSockets:
         self.bound: list[str] = []  # addresses we bound: only those are ours to remove
 
     def _pusher(self) -> zmq.Socket:
+        # The default high-water mark is kept: at it a PUSH blocks (it never drops) until the
+        # output thread catches up, and that thread never waits for a client (its ROUTER has
+        # no high-water mark), so this paces a sender behind that thread alone.
         sock = self.ctx.socket(zmq.PUSH)
         sock.connect(self._outbox_address)
         return sock
@@ -94,14 +97,24 @@ class ClientSockets:
         """Bind both sockets, so that a taken or impossible address is an error at once."""
         mode, gid = socket_file_mode(self.options.socket_group)
         try:
-            for address, linger in zip(self.addresses, (0, 1000)):
+            for address, is_output in zip(self.addresses, (False, True)):
                 if address.startswith("ipc://") and ipc_listener_alive(address):
                     raise ListenError(
                         f"cannot listen on {address}: another engine-core is serving it "
                         "(stop it first, or choose another --address)"
                     )
                 sock = self.ctx.socket(zmq.ROUTER)
-                sock.setsockopt(zmq.LINGER, linger)
+                sock.setsockopt(zmq.LINGER, 1000 if is_output else 0)
+                if is_output:
+                    # No high-water mark: a ROUTER drops, in silence, what goes to a client
+                    # whose queue is full (by default 1000 messages here and 1000 in the
+                    # client: a client ~2000 steps behind never saw its requests finish), and
+                    # blocking instead would stall every other client. A slow client's queue
+                    # holds only its own requests' outputs; ZeroMQ frees it when the client
+                    # disconnects, and a client silent for `--client-timeout` is forgotten
+                    # (its requests aborted: its queue stops growing). Set before bind: each
+                    # connection's pipe takes the value then.
+                    sock.setsockopt(zmq.SNDHWM, 0)
                 # A larger frame is a hostile peer: ZeroMQ drops its connection unread.
                 sock.setsockopt(zmq.MAXMSGSIZE, 2 * self.reader.max_frame_bytes)
                 self.security.configure(sock)

@@ -60,6 +60,9 @@ class MultiprocExecutor(Executor):
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        # It only receives, so its high-water mark never drops anything: at the default one a
+        # worker's DEALER would block (not drop), and a rank has at most the outputs of the
+        # steps in flight and its replies to calls unread.
         self.sock.bind(self.address)
         restrict_socket_file(self.address)
         self.pub = self.ctx.socket(zmq.XPUB)

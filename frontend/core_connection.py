@@ -147,16 +147,23 @@ class CoreConnection:
         self.identity = uuid.uuid4().bytes
         self._connected = False
         self.input = self._socket(self.input_address)
-        self.output = self._socket(self.output_address)
+        self.output = self._socket(self.output_address, unlimited_receive=True)
         self.output.send(
             encode(Hello(protocol_version=PROTOCOL_VERSION, client_name=f"pid-{os.getpid()}"))
         )
         self._poller = None
 
-    def _socket(self, address: str) -> zmq.Socket:
+    def _socket(self, address: str, unlimited_receive: bool = False) -> zmq.Socket:
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.IDENTITY, self.identity)
         sock.setsockopt(zmq.LINGER, 0)
+        if unlimited_receive:
+            # The outputs: ZeroMQ's I/O thread takes every frame engine-core sends as it
+            # comes, so the backlog of a client that processes slower than the engine steps
+            # waits here, in the client's own memory, not in a daemon shared with others
+            # (which queues without limit too, never dropping: `ClientSockets.listen`).
+            # Set before connect: the connection's pipe takes the value then.
+            sock.setsockopt(zmq.RCVHWM, 0)
         if self.is_daemon:
             sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
             sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(self.engine_args.heartbeat_timeout * 1000))

@@ -103,6 +103,8 @@ def run_worker(
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.IDENTITY, rank.to_bytes(2, "little"))
     sock.setsockopt(zmq.LINGER, 2000)
+    # The default high-water mark stays: a DEALER blocks at it (never drops), and engine-core
+    # reads each step's output and each reply (at most the steps in flight wait unread).
     sock.connect(address)
     try:
         from zllm.worker.worker import Worker
