@@ -51,6 +51,7 @@ POLL_MS = 100
 STARTUP_TIMEOUT_S = float(os.environ.get("ZLLM_STARTUP_TIMEOUT", "900"))
 STARTUP_LOG_EVERY_S = 30.0
 CONNECT_GRACE_S = 10.0  # how long a daemon's socket may take to appear
+FRAMES_PER_POLL = 64  # a step's outputs each: ~0.1 s of a busy client's work
 HEARTBEAT_IVL_MS = 1000  # ZMTP pings to a daemon; `heartbeat_timeout` of silence ends the link
 HANDSHAKE_ATTEMPTS = 5  # failed security handshakes in a row: not a daemon that is stopping
 
@@ -250,10 +251,12 @@ class CoreConnection:
         self.last_sent = time.monotonic()
 
     def received(self, events: dict) -> list[bytes]:
-        """Every frame waiting on the output socket."""
+        """The frames waiting on the output socket, at most `FRAMES_PER_POLL`: a client far
+        behind the engine goes back to its loop between batches of them, where it sends its
+        requests and heartbeats (a daemon forgets a client silent for `--client-timeout`)."""
         frames = []
         if self.output in events:
-            while self.output.poll(0):
+            while len(frames) < FRAMES_PER_POLL and self.output.poll(0):
                 frames.append(self.output.recv())
         return frames
 
