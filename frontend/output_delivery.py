@@ -1,11 +1,14 @@
 """Folding the engine's updates into request states and streams (the client's I/O thread).
 
 Each update is handled under its own request's lock only (`state.lock`; the n children of a
-request share their parent's): detokenizing, stop strings, shaping the output and putting
-it into the stream happen together there, so an `abort` from another thread, which takes
-the same lock to put the last output, can never put it before, or see it followed by, an
-output of this update. The registry's lock is taken only to look entries up or drop them,
-so submission never waits for a step's detokenization.
+request share their parent's): detokenizing and stop strings happen there, and so does
+queueing the request's state in its stream (`RequestStream.put_pending`, once until the
+consumer takes it). The consumer shapes the output when it takes it, under the same lock:
+a slow consumer gets one output with everything new, not one per step, and nobody copies
+a CUMULATIVE output that is never read. An `abort` from another thread takes the same lock
+to put the last output, so it can never come before, or be followed by, an output of an
+update. The registry's lock is taken only to look entries up or drop them, so submission
+never waits for a step's detokenization.
 """
 
 from __future__ import annotations
@@ -52,19 +55,19 @@ def _deliver_one(
     with entry.state.lock:
         try:
             stopped_by_string = entry.state.apply(update, now)
-            # A prompt-logprobs chunk alone (no token yet) shows nothing new to the caller.
-            moved = bool(update.new_token_ids) or entry.state.finished
-            output = entry.state.output() if moved else None
         except Exception as e:  # one request's failure (detokenizing) ends that request only
             logger.exception("could not process output of request %s", entry.request_id)
             gone = registry.forget_request(entry.request_id)
             entry.stream.put_final(e)
             return [other.engine_id for other in gone]
-        if entry.state.finished:
+        finished = entry.state.finished
+        if finished:
             registry.forget(entry)
-        if output is not None:
-            try:
-                entry.stream.put(output)
+        # A prompt-logprobs chunk alone (no token yet) shows nothing new to the caller, nor
+        # does a token of a request that shows only its end (FINAL_ONLY, pooling).
+        if finished or (update.new_token_ids and entry.state.streams):
+            try:  # built when the consumer takes it: one output however many steps it lags
+                entry.stream.put_pending(entry.state)
             except ConsumerGone:  # its loop is closed: nobody will read it, stop it
                 gone = registry.forget_request(entry.request_id)
                 return [other.engine_id for other in gone if not other.state.finished]

@@ -1,10 +1,12 @@
 """Turns the engine's per-step token updates into `RequestOutput`s, one request at a time.
 
-Runs in the client's I/O thread (and, for aborts, in the aborting thread), under the
-state's own lock (`output_delivery.py`): detokenizes, applies stop strings (telling the caller which requests to abort
-in the engine), and shapes each output for its `output_kind`. Streamed text is always a
-prefix of the final text: text that may be the start of a stop string is held back until
-it is known not to be, so DELTA pieces concatenate to exactly the CUMULATIVE/FINAL text.
+Runs under the state's own lock (`output_delivery.py`): the client's I/O thread detokenizes
+and applies stop strings (telling the caller which requests to abort in the engine); each
+output is shaped for its `output_kind` when the consumer takes it (or by the aborting
+thread), so `output()` holds everything since the last one, however many steps that was.
+Streamed text is always a prefix of the final text: text that may be the start of a stop
+string is held back until it is known not to be, so DELTA pieces concatenate to exactly the
+CUMULATIVE/FINAL text.
 """
 
 from __future__ import annotations
@@ -88,6 +90,11 @@ class RequestState:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    @property
+    def streams(self) -> bool:
+        """Whether outputs go out before the end (CUMULATIVE, DELTA): wake its consumer."""
+        return self.params.output_kind != RequestOutputKind.FINAL_ONLY
 
     # ---- input ---------------------------------------------------------------------------------
 

@@ -146,6 +146,10 @@ class ChildHandle:
     def finished(self) -> bool:
         return self.state.finished
 
+    @property
+    def streams(self) -> bool:
+        return self.state.streams
+
     def apply(self, update: RequestUpdate, now: float) -> bool:
         return self.state.apply(update, now)
 

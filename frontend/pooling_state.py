@@ -42,6 +42,11 @@ class PoolingRequestState:
         self.emitted = False
 
     @property
+    def streams(self) -> bool:
+        """A pooled vector is shown once, at the end: its consumer is not woken before."""
+        return False
+
+    @property
     def finished(self) -> bool:
         return self.finish_reason is not None
 
