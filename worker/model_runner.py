@@ -140,14 +140,10 @@ class ModelRunner:
     def must_finish_first(self, step: ExecuteModel, pending: PendingStep) -> bool:
         """Whether `step` reads tokens `pending` is still sampling (penalties and the like
         look at every generated token on the host): then `pending` must finish first."""
-        if not self.batch.reads_output.any():  # the usual case, whatever the batch size
-            return False
-        waiting = set(pending.slots.tolist())  # rows the batch has: they were launched
-        states = self.batch.states  # `step`'s new slots may lie past them until it is applied
-        return any(
-            slot in waiting and states[slot] is not None and states[slot].reads_output_tokens
-            for slot in step.slots
-        )
+        reads = self.batch.reads_output
+        slots = np.asarray(step.slots, np.int64)
+        slots = slots[slots < len(reads)]  # `step`'s new slots may lie past the batch's rows
+        return bool(np.isin(slots[reads[slots]], pending.slots).any())
 
     @torch.inference_mode()
     def launch(self, step: ExecuteModel) -> PendingStep:
@@ -179,14 +175,19 @@ class ModelRunner:
             sample_t = transfer.to_device(last_rows, torch.long, self.device)
         for rows in prompt_rows:
             rows.targets_t = transfer.to_device(rows.targets, torch.long, self.device)
+        # A step whose every row samples is all single-token chunks: its slots, on the device
+        # once, serve both its input ids and the record of what it samples.
+        slots_t = None
+        if every_row_samples:
+            slots_t = transfer.to_device(inputs.slots, torch.long, self.device)
         replayed = None
         if graph_size is not None:
-            slots_t = self._input_ids(inputs, self.graphs.input_ids[: len(inputs.slots)])
+            self._input_ids(inputs, self.graphs.input_ids[: len(inputs.slots)], slots_t)
             replayed = self.graphs.replay(inputs, graph_size)
             hidden = replayed.hidden
         else:
             ids_t = torch.empty(len(inputs.input_ids), **self._long)
-            slots_t = self._input_ids(inputs, ids_t)
+            self._input_ids(inputs, ids_t, slots_t)
             pos_t = transfer.to_device(inputs.positions, torch.long, self.device)
             meta = self.attn_backend.build_metadata(inputs)
             hidden = self.model(ids_t, pos_t, self.kv_caches, meta)
@@ -204,7 +205,7 @@ class ModelRunner:
                 sample_rows = hidden if every_row_samples else hidden[sample_t]
                 logits = self.model.logits(sample_rows)  # None on ranks other than 0
             token_ids, pending.gathered = self._sample(logits, slots, greedy)
-            self._remember(slots, token_ids, slots_t if every_row_samples else None)
+            self._remember(slots, token_ids, slots_t)
             pending.slots = slots
             pending.states = [self.batch.states[s] for s in slots.tolist()]
             pending.positions = self.batch.reserve_tokens(slots)
@@ -237,16 +238,16 @@ class ModelRunner:
             pooled=pending.pooled,
         )
 
-    def _input_ids(self, inputs: StepInputs, ids_t: torch.Tensor) -> torch.Tensor | None:
+    def _input_ids(
+        self, inputs: StepInputs, ids_t: torch.Tensor, slots_t: torch.Tensor | None
+    ) -> None:
         """The step's token ids, written into `ids_t` on the device; a token a launched step
         is still sampling (-1 on the host) comes from that step's result on the device.
-        Returns the step's slots on the device when it copied them (a decode step)."""
+        `slots_t`: the step's slots on the device, when every row is a single-token chunk."""
         missing = inputs.input_ids < 0
-        if len(inputs.input_ids) == len(inputs.slots) and missing.all():
-            # Decodes, each of the token a launched step is sampling: one gather.
-            slots_t = transfer.to_device(inputs.slots, torch.long, self.device)
+        if slots_t is not None and missing.all():  # decodes of tokens still being sampled
             torch.index_select(self._last_sampled, 0, slots_t, out=ids_t)
-            return slots_t
+            return
         transfer.copy_into(ids_t, inputs.input_ids)
         rows = np.flatnonzero(missing)
         if len(rows):
@@ -254,7 +255,6 @@ class ModelRunner:
             rows_t = transfer.to_device(rows, torch.long, self.device)
             slots_t = transfer.to_device(slots, torch.long, self.device)
             ids_t.index_copy_(0, rows_t, self._last_sampled.index_select(0, slots_t))
-        return None
 
     def _remember(
         self, slots: np.ndarray, token_ids: torch.Tensor, slots_t: torch.Tensor | None = None
