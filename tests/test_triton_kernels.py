@@ -71,6 +71,15 @@ def test_split_decode(seed):
     check(result, torch.float32)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_single_split_decode_writes_directly(dtype):
+    """Enough decodes to fill the device: one split each, written without a merge."""
+    case = random_case(11, 8, 2, 64, dtype, kinds="ddddd", max_len=150)
+    result = run_case(case, DEVICE, target_programs=1, **SMALL_BLOCKS)
+    assert result["num_splits"] == 1
+    check(result, dtype)
+
+
 @pytest.mark.parametrize("block_size", [1, 8, 32])
 def test_page_sizes(block_size):
     case = random_case(7, 4, 2, 64, torch.bfloat16, kinds="pxd", block_size=block_size)
@@ -134,7 +143,48 @@ def test_rotary_in_place(dtype):
     tol = TOL[dtype]
     torch.testing.assert_close(q2.cpu().float(), expected_q, atol=tol, rtol=tol)
     torch.testing.assert_close(k2.cpu().float(), expected_k, atol=tol, rtol=tol)
-    assert torch.equal(v2.cpu(), qkv[:, (hq + hk) * d :])  # v untouched
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_fused_with_the_cache_write(dtype):
+    """q rotated in place; rotated k and v in their slots; a padded row (-1) stores nothing."""
+    from zllm.worker.kernels.rotary_kv import rotate_and_store_kv
+
+    g = torch.Generator().manual_seed(2)
+    rotary = RotaryEmbedding(64, 256, 10000.0, None)
+    hq, hk, d, t, page = 8, 2, 64, 5, 4
+    qkv = torch.randn(t, (hq + 2 * hk) * d, generator=g).to(dtype)
+    q, k, v = (x.view(t, -1, d) for x in qkv.split([hq * d, hk * d, hk * d], dim=-1))
+    positions = torch.tensor([0, 9, 130, 255, 4])
+    slots = torch.tensor([3, 17, 8, -1, 0], dtype=torch.int32)
+    expected_q, expected_k = rotary(positions, q.float(), k.float())
+    qkv_dev = qkv.to(DEVICE)
+    q2, k2, v2 = (x.view(t, -1, d) for x in qkv_dev.split([hq * d, hk * d, hk * d], dim=-1))
+    k_cache = torch.full((6, page, hk, d), float("nan"), dtype=dtype, device=DEVICE)
+    v_cache = k_cache.clone()
+    rotate_and_store_kv(
+        positions.to(DEVICE),
+        q2,
+        k2,
+        v2,
+        rotary.cos.to(DEVICE),
+        rotary.sin.to(DEVICE),
+        k_cache,
+        v_cache,
+        slots.to(DEVICE),
+    )
+    tol = TOL[dtype]
+    torch.testing.assert_close(q2.cpu().float(), expected_q, atol=tol, rtol=tol)
+    assert torch.equal(k2.cpu(), k), "k itself is left as it was"
+    flat_k, flat_v = k_cache.view(-1, hk, d).cpu(), v_cache.view(-1, hk, d).cpu()
+    kept = slots >= 0
+    written = torch.zeros(len(flat_k), dtype=torch.bool)
+    written[slots[kept].long()] = True
+    assert flat_k[~written].isnan().all() and flat_v[~written].isnan().all()
+    rows = slots[kept].long()
+    torch.testing.assert_close(flat_k[rows].float(), expected_k[kept], atol=tol, rtol=tol)
+    assert torch.equal(flat_v[rows], v[kept])
+    assert torch.equal(v2.cpu(), v), "v itself is left as it was"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

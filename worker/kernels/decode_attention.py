@@ -4,8 +4,8 @@ Grid `(decodes, kv_heads, splits)`: each program takes one sequence, one KV head
 query heads that share it (GQA; the group is padded to 16 rows so `tl.dot` runs on tensor
 cores), and one contiguous slice of the context. Keys are gathered through the block table
 `BLOCK_N` tokens at a time. Each program writes its slice's normalised output and
-log-sum-exp; a second kernel merges the slices. With one split the merge is a copy, so a
-step always runs the same two launches whatever its batch.
+log-sum-exp; a second kernel merges the slices. With one split (enough sequences to fill the
+device) the program writes its output directly and there is no merge: one launch, not two.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ def _decode_split_kernel(
     Q,
     K_cache,
     V_cache,
+    Out,
     Mid_out,
     Mid_lse,
     block_tables,
@@ -40,6 +41,8 @@ def _decode_split_kernel(
     num_splits,
     stride_qt,
     stride_qh,
+    stride_ot,
+    stride_oh,
     stride_kb,
     stride_ks,
     stride_kh,
@@ -60,6 +63,7 @@ def _decode_split_kernel(
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
+    DIRECT: tl.constexpr,
 ):
     i = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -115,14 +119,16 @@ def _decode_split_kernel(
 
     has_keys = l_i > 0.0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
-    lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
-    mid = Mid_out + i.to(tl.int64) * stride_mo_i + split * stride_mo_s
-    tl.store(
-        mid + heads[:, None] * stride_mo_h + d[None, :],
-        out,
-        mask=h_mask[:, None] & d_mask[None, :],
-    )
-    tl.store(Mid_lse + i.to(tl.int64) * stride_ml_i + heads * stride_ml_h + split, lse, mask=h_mask)
+    mask = h_mask[:, None] & d_mask[None, :]
+    if DIRECT:  # the only split: this is the output
+        dst = Out + row * stride_ot + heads[:, None] * stride_oh + d[None, :]
+        tl.store(dst, out.to(Out.dtype.element_ty), mask=mask)
+    else:
+        lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
+        mid = Mid_out + i.to(tl.int64) * stride_mo_i + split * stride_mo_s
+        tl.store(mid + heads[:, None] * stride_mo_h + d[None, :], out, mask=mask)
+        lse_dst = Mid_lse + i.to(tl.int64) * stride_ml_i + heads * stride_ml_h + split
+        tl.store(lse_dst, lse, mask=h_mask)
 
 
 @triton.jit
@@ -207,10 +213,12 @@ def decode_attention(
     max_splits = mid_lse.shape[2]
     if num_splits > max_splits:
         raise ValueError(f"num_splits={num_splits} > the buffers' {max_splits}")
+    direct = num_splits == 1
     _decode_split_kernel[(num_decodes, num_kv_heads, num_splits)](
         q,
         k_cache,
         v_cache,
+        out,
         mid_out,
         mid_lse,
         block_tables,
@@ -221,6 +229,8 @@ def decode_attention(
         num_splits,
         q.stride(0),
         q.stride(1),
+        out.stride(0),
+        out.stride(1),
         *k_cache.stride()[:3],
         *v_cache.stride()[:3],
         block_tables.stride(0),
@@ -234,8 +244,11 @@ def decode_attention(
         BLOCK_N=block_n,
         DOT_PRECISION=dot_precision(q.dtype),
         UPCAST=upcast_dot_operands(q.dtype),
+        DIRECT=direct,
         num_warps=4,
     )
+    if direct:
+        return
     _decode_reduce_kernel[(num_decodes, num_heads)](
         out,
         mid_out,

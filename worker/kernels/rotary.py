@@ -10,7 +10,7 @@ from zllm.worker.kernels.common import block
 
 
 @triton.jit
-def _rotate(
+def rotate_heads(
     X,
     base,
     stride_h,
@@ -54,8 +54,8 @@ def _rotary_kernel(
     j = tl.arange(0, BLOCK_HALF)
     cos = tl.load(Cos + pos * stride_cos + j, mask=j < HALF, other=0.0)[None, :]
     sin = tl.load(Sin + pos * stride_cos + j, mask=j < HALF, other=0.0)[None, :]
-    _rotate(Q, t * stride_qt, stride_qh, cos, sin, j, NUM_Q_HEADS, BLOCK_HQ, HALF)
-    _rotate(K, t * stride_kt, stride_kh, cos, sin, j, NUM_K_HEADS, BLOCK_HK, HALF)
+    rotate_heads(Q, t * stride_qt, stride_qh, cos, sin, j, NUM_Q_HEADS, BLOCK_HQ, HALF)
+    rotate_heads(K, t * stride_kt, stride_kh, cos, sin, j, NUM_K_HEADS, BLOCK_HK, HALF)
 
 
 def apply_rotary_(

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from zllm.worker.input_batch import StepInputs
+from zllm.worker.layers.rotary import RotaryEmbedding
 from zllm.worker.transfer import to_device
 
 
@@ -36,8 +37,12 @@ class AttentionMetadata(Protocol):
         v: torch.Tensor,
         kv_cache: torch.Tensor,
         scale: float,
+        rotary: RotaryEmbedding | None = None,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Write k, v into `kv_cache`, then attend. q: [T, Hq, D]; k, v: [T, Hkv, D]."""
+        """Rotate q and k by their `positions` (when `rotary`), write k, v into `kv_cache`,
+        then attend. q: [T, Hq, D]; k, v: [T, Hkv, D]. A backend may fuse the rotation with
+        the cache write, so q and k must not be read afterwards."""
         ...
 
 
@@ -120,7 +125,9 @@ class TorchAttentionMetadata:
             prefills=prefills,
         )
 
-    def attend(self, q, k, v, kv_cache, scale) -> torch.Tensor:
+    def attend(self, q, k, v, kv_cache, scale, rotary=None, positions=None) -> torch.Tensor:
+        if rotary is not None:
+            q, k = rotary(positions, q, k)
         return paged_attention(q, k, v, kv_cache, self, scale)
 
 

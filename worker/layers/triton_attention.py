@@ -1,8 +1,9 @@
-"""The Triton attention backend (the CUDA default): three kernels per layer and step.
+"""The Triton attention backend (the CUDA default): a few kernels per layer and step.
 
-Per layer: `store_kv_cache`, one extend launch for every chunk of more than one token, and
-the two decode launches (split + merge) for every single-token chunk; a phase with nothing
-to do launches an empty grid. The step's metadata lives in device buffers allocated once
+Per layer: one launch that rotates q and k (rotary) and writes k, v into the cache, one
+extend launch for every chunk of more than one token, and the decode launch (split, plus a
+merge when a sequence's context is split over several programs) for every single-token
+chunk; a phase with nothing to do launches an empty grid. The step's metadata lives in device buffers allocated once
 at their largest (`max_num_seqs`, `max_num_batched_tokens`, blocks for `max_model_len`) and
 filled in place from one pinned host tensor: the kernels always read the same addresses,
 which is what capturing a decode step in a CUDA graph needs (`worker/cuda_graphs.py`). A
@@ -21,6 +22,8 @@ from zllm.worker.input_batch import StepInputs
 from zllm.worker.kernels.decode_attention import decode_attention
 from zllm.worker.kernels.extend_attention import extend_attention
 from zllm.worker.kernels.kv_cache import store_kv_cache
+from zllm.worker.kernels.rotary_kv import rotate_and_store_kv
+from zllm.worker.layers.rotary import RotaryEmbedding
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -180,11 +183,19 @@ class TritonAttentionMetadata:
         v: torch.Tensor,
         kv_cache: torch.Tensor,
         scale: float,
+        rotary: RotaryEmbedding | None = None,
+        positions: torch.Tensor | None = None,
         out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         b = self.backend
         k_cache, v_cache = kv_cache[0], kv_cache[1]
-        store_kv_cache(k, v, k_cache, v_cache, b.slot_mapping[: self.num_tokens])
+        slots = b.slot_mapping[: self.num_tokens]
+        if rotary is not None and rotary.fused:
+            rotate_and_store_kv(positions, q, k, v, rotary.cos, rotary.sin, k_cache, v_cache, slots)
+        else:
+            if rotary is not None:
+                q, k = rotary(positions, q, k)
+            store_kv_cache(k, v, k_cache, v_cache, slots)
         out = torch.empty_like(q) if out is None else out
         extend_attention(
             q,

@@ -76,8 +76,7 @@ class Attention(nn.Module):
         v = v.view(t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
-        o = meta.attend(q, k, v, kv_cache, self.scale)
+        o = meta.attend(q, k, v, kv_cache, self.scale, self.rotary, positions)
         return self.o_proj(o.reshape(t, -1))
 
 
