@@ -23,6 +23,9 @@ from zllm.bench.model_source import ModelSource
 from zllm.bench.step_profile import _union_us
 
 _DEVICE_CATEGORIES = {"kernel", "gpu_memcpy", "gpu_memset"}
+# An idle gap this long is the device waiting for the host (a step launched late); shorter
+# ones are the device's own, between the kernels of a step (~1 us each in a CUDA graph).
+LONG_GAP_US = 20.0
 
 
 def device_activity(trace_path: str) -> dict:
@@ -45,12 +48,30 @@ def device_activity(trace_path: str) -> dict:
     clipped = [(max(a, lo), min(b, hi)) for a, b in device if b > lo and a < hi]
     steps = sum(1 for t in graph_launches if lo <= t < hi)
     span_us = hi - lo
+    gaps = _gaps_us(clipped, lo, hi)
+    long_gaps = [g for g in gaps if g >= LONG_GAP_US]
     return {
         "window_ms": round(span_us / 1000, 2),
         "busy_share": round(_union_us(clipped) / span_us, 3),
         "decode_steps": steps,
         "ms_per_step": round(span_us / 1000 / steps, 3) if steps else None,
+        # Where the idle time is: waiting for the host, or between a step's kernels.
+        "idle_share_long_gaps": round(sum(long_gaps) / span_us, 3),
+        "idle_share_short_gaps": round((sum(gaps) - sum(long_gaps)) / span_us, 3),
+        "long_gaps": len(long_gaps),
     }
+
+
+def _gaps_us(intervals: list[tuple[float, float]], lo: float, hi: float) -> list[float]:
+    """The idle stretches of [lo, hi] that no interval covers."""
+    gaps, end = [], lo
+    for a, b in sorted(intervals):
+        if a > end:
+            gaps.append(a - end)
+        end = max(end, b)
+    if hi > end:
+        gaps.append(hi - end)
+    return gaps
 
 
 async def _run(
@@ -90,14 +111,14 @@ async def _run(
         # Progress is read from the engine's own counters: the frontend may lag behind it.
         baseline = await llm.get_stats()
 
-        async def until(ready, what: str):
+        async def until(ready, what: str, every_s: float = 0.001):
             while True:
                 stats = await llm.get_stats()
                 if ready(stats):
                     return stats
                 if not any(not t.done() for t in tasks):
                     raise RuntimeError(f"the requests ended before {what}: raise the output")
-                await asyncio.sleep(0.001)
+                await asyncio.sleep(every_s)
 
         tasks = [asyncio.create_task(consume(i)) for i in range(num_requests)]
         start = time.perf_counter()
@@ -108,7 +129,10 @@ async def _run(
         await llm.collective_rpc("start_profile")
         profiled_at = time.perf_counter()
         began = await llm.get_stats()
-        await until(lambda s: s.num_steps >= began.num_steps + window, "the window ended")
+        # Polled less often now: each call is a message engine-core handles between steps.
+        ended = await until(
+            lambda s: s.num_steps >= began.num_steps + window, "the window ended", every_s=0.01
+        )
         ended_at = time.perf_counter()
         paths = await llm.collective_rpc("stop_profile")
         await asyncio.gather(*tasks)
@@ -118,7 +142,9 @@ async def _run(
         "requests": num_requests,
         "prompt_len": prompt_len,
         "window_steps": window,
-        "wall_ms_per_step": round(1000 * (ended_at - profiled_at) / window, 3),
+        "wall_ms_per_step": round(
+            1000 * (ended_at - profiled_at) / (ended.num_steps - began.num_steps), 3
+        ),
         "warmup_s": round(decoding_at - start, 2),
     }
     activity = device_activity(paths[0])

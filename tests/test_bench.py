@@ -67,22 +67,26 @@ def test_busy():
 
 def test_busy_share_of_a_trace(tmp_path):
     """The device's activity over the middle 80% of its span: overlaps count once, a step is
-    a CUDA-graph launch."""
+    a CUDA-graph launch, idle gaps split at 20 us into the host's and the device's own."""
     from zllm.bench.engine_busy import device_activity
 
-    kernels = [(0, 40), (20, 60), (60, 80), (90, 100)]  # busy 0-80 and 90-100 of 0-100
+    kernels = [(0, 400), (200, 600), (600, 800), (805, 850), (900, 1000)]
     events = [{"ph": "X", "cat": "kernel", "name": "k", "ts": a, "dur": b - a} for a, b in kernels]
     events += [{"ph": "X", "cat": "cuda_runtime", "name": "cudaGraphLaunch", "ts": t, "dur": 1}
-               for t in (5, 15, 50, 95)]  # fmt: skip
+               for t in (50, 150, 500, 950)]  # fmt: skip
     path = tmp_path / "trace.json"
     path.write_text(json.dumps({"traceEvents": events}))
     activity = device_activity(str(path))
-    # Window 10-90: busy 10-80 = 70 of 80; launches at 15 and 50 fall inside.
+    # Window 100-900: busy 100-800 and 805-850 = 745 of 800; idle 800-805 (short) and
+    # 850-900 (long); launches at 150 and 500 fall inside.
     assert activity == {
-        "window_ms": 0.08,
-        "busy_share": 0.875,
+        "window_ms": 0.8,
+        "busy_share": round(745 / 800, 3),
         "decode_steps": 2,
-        "ms_per_step": 0.04,
+        "ms_per_step": 0.4,
+        "idle_share_long_gaps": round(50 / 800, 3),
+        "idle_share_short_gaps": round(5 / 800, 3),
+        "long_gaps": 1,
     }
 
 
