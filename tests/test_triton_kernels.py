@@ -125,34 +125,14 @@ def test_rms_norm(dtype, size):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rotary_in_place(dtype):
-    from zllm.worker.kernels.rotary import apply_rotary_
-
-    g = torch.Generator().manual_seed(1)
-    rotary = RotaryEmbedding(64, 256, 10000.0, None)
-    hq, hk, d, t = 7, 1, 64, 6
-    qkv = torch.randn(t, (hq + 2 * hk) * d, generator=g).to(dtype)  # strided views, as in a layer
-    q, k, _ = qkv.split([hq * d, hk * d, hk * d], dim=-1)
-    q, k = q.view(t, hq, d), k.view(t, hk, d)
-    positions = torch.tensor([0, 5, 17, 100, 255, 3])
-    expected_q, expected_k = rotary(positions, q.float(), k.float())
-    qkv_dev = qkv.to(DEVICE)
-    q2, k2, v2 = qkv_dev.split([hq * d, hk * d, hk * d], dim=-1)
-    q2, k2 = q2.view(t, hq, d), k2.view(t, hk, d)
-    apply_rotary_(positions.to(DEVICE), q2, k2, rotary.cos.to(DEVICE), rotary.sin.to(DEVICE))
-    tol = TOL[dtype]
-    torch.testing.assert_close(q2.cpu().float(), expected_q, atol=tol, rtol=tol)
-    torch.testing.assert_close(k2.cpu().float(), expected_k, atol=tol, rtol=tol)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rotary_fused_with_the_cache_write(dtype):
-    """q rotated in place; rotated k and v in their slots; a padded row (-1) stores nothing."""
-    from zllm.worker.kernels.rotary_kv import rotate_and_store_kv
+def test_cache_write_rotates_q_and_k(dtype):
+    """q rotated in place; rotated k and v in their slots; a padded row (-1) stores nothing;
+    k and v themselves are left as they were (strided views of one qkv row, as in a layer)."""
+    from zllm.worker.kernels.kv_cache import store_kv_cache
 
     g = torch.Generator().manual_seed(2)
     rotary = RotaryEmbedding(64, 256, 10000.0, None)
-    hq, hk, d, t, page = 8, 2, 64, 5, 4
+    hq, hk, d, t, page = 7, 1, 64, 5, 4
     qkv = torch.randn(t, (hq + 2 * hk) * d, generator=g).to(dtype)
     q, k, v = (x.view(t, -1, d) for x in qkv.split([hq * d, hk * d, hk * d], dim=-1))
     positions = torch.tensor([0, 9, 130, 255, 4])
@@ -162,29 +142,19 @@ def test_rotary_fused_with_the_cache_write(dtype):
     q2, k2, v2 = (x.view(t, -1, d) for x in qkv_dev.split([hq * d, hk * d, hk * d], dim=-1))
     k_cache = torch.full((6, page, hk, d), float("nan"), dtype=dtype, device=DEVICE)
     v_cache = k_cache.clone()
-    rotate_and_store_kv(
-        positions.to(DEVICE),
-        q2,
-        k2,
-        v2,
-        rotary.cos.to(DEVICE),
-        rotary.sin.to(DEVICE),
-        k_cache,
-        v_cache,
-        slots.to(DEVICE),
-    )
+    tables = (positions.to(DEVICE), rotary.cos.to(DEVICE), rotary.sin.to(DEVICE))
+    store_kv_cache(q2, k2, v2, k_cache, v_cache, slots.to(DEVICE), tables)
     tol = TOL[dtype]
     torch.testing.assert_close(q2.cpu().float(), expected_q, atol=tol, rtol=tol)
-    assert torch.equal(k2.cpu(), k), "k itself is left as it was"
+    assert torch.equal(k2.cpu(), k) and torch.equal(v2.cpu(), v)
     flat_k, flat_v = k_cache.view(-1, hk, d).cpu(), v_cache.view(-1, hk, d).cpu()
     kept = slots >= 0
-    written = torch.zeros(len(flat_k), dtype=torch.bool)
-    written[slots[kept].long()] = True
-    assert flat_k[~written].isnan().all() and flat_v[~written].isnan().all()
     rows = slots[kept].long()
+    written = torch.zeros(len(flat_k), dtype=torch.bool)
+    written[rows] = True
+    assert flat_k[~written].isnan().all() and flat_v[~written].isnan().all()
     torch.testing.assert_close(flat_k[rows].float(), expected_k[kept], atol=tol, rtol=tol)
     assert torch.equal(flat_v[rows], v[kept])
-    assert torch.equal(v2.cpu(), v), "v itself is left as it was"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

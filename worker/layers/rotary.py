@@ -1,5 +1,7 @@
-"""Rotary position embeddings (rotate-half layout) with the config's theta and scaling;
-in place, in one Triton kernel, when `fused`."""
+"""Rotary position embeddings (rotate-half layout) with the config's theta and scaling.
+
+The tables (`cos`, `sin`) are made once; the torch path rotates here, the Triton attention
+backend passes them to its cache write, which rotates q and k as it stores K/V."""
 
 from __future__ import annotations
 
@@ -38,10 +40,8 @@ class RotaryEmbedding(nn.Module):
         max_positions: int,
         theta: float,
         scaling: dict | None,
-        fused: bool = False,
     ) -> None:
         super().__init__()
-        self.fused = fused
         inv_freq = inverse_frequencies(head_dim, theta, scaling)
         t = torch.arange(max_positions, dtype=torch.float32)
         freqs = torch.outer(t, inv_freq)
@@ -52,12 +52,7 @@ class RotaryEmbedding(nn.Module):
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: [T, Hq, D], k: [T, Hk, D], positions: [T]. Fused: rotated in place."""
-        if self.fused:
-            from zllm.worker.kernels.rotary import apply_rotary_
-
-            apply_rotary_(positions, q, k, self.cos, self.sin)
-            return q, k
+        """q: [T, Hq, D], k: [T, Hk, D], positions: [T]."""
         cos = self.cos[positions].unsqueeze(1).to(q.dtype)
         sin = self.sin[positions].unsqueeze(1).to(q.dtype)
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin

@@ -22,7 +22,6 @@ from zllm.worker.input_batch import StepInputs
 from zllm.worker.kernels.decode_attention import decode_attention
 from zllm.worker.kernels.extend_attention import extend_attention
 from zllm.worker.kernels.kv_cache import store_kv_cache
-from zllm.worker.kernels.rotary_kv import rotate_and_store_kv
 from zllm.worker.layers.rotary import RotaryEmbedding
 
 
@@ -189,13 +188,8 @@ class TritonAttentionMetadata:
     ) -> torch.Tensor:
         b = self.backend
         k_cache, v_cache = kv_cache[0], kv_cache[1]
-        slots = b.slot_mapping[: self.num_tokens]
-        if rotary is not None and rotary.fused:
-            rotate_and_store_kv(positions, q, k, v, rotary.cos, rotary.sin, k_cache, v_cache, slots)
-        else:
-            if rotary is not None:
-                q, k = rotary(positions, q, k)
-            store_kv_cache(k, v, k_cache, v_cache, slots)
+        tables = None if rotary is None else (positions, rotary.cos, rotary.sin)
+        store_kv_cache(q, k, v, k_cache, v_cache, b.slot_mapping[: self.num_tokens], tables)
         out = torch.empty_like(q) if out is None else out
         extend_attention(
             q,

@@ -2,7 +2,8 @@
 
 Tokens of all sequences in a step are one flat batch `[T, hidden]`; attention finds each
 sequence's context through the attention metadata and the paged KV cache. `kernels="triton"`
-runs the fused layers (RMSNorm + residual add, in-place rotary, SiLU·mul) as Triton kernels.
+runs the fused layers (RMSNorm + residual add, SiLU·mul) as Triton kernels, and hands the
+rotary tables to the attention backend (its Triton cache write rotates q and k).
 The LM head is built only when the engine generates: an embedding engine (or a `*Model`
 checkpoint, which has no head) pools the hidden states.
 """
@@ -141,7 +142,6 @@ class LlamaModel(nn.Module):
             config.max_position_embeddings,
             config.rope_theta,
             config.rope_scaling,
-            fused,
         )
         self.layers = nn.ModuleList(
             [DecoderLayer(config, rotary, fused) for _ in range(config.num_hidden_layers)]
