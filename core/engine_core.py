@@ -191,32 +191,34 @@ class EngineCore:
     def _apply(
         self, step: ScheduledStep, slots: list[WorkerSlot], output: ModelOutput
     ) -> list[tuple[bytes, RequestUpdate]]:
-        sampling = [
-            r
-            for r, ends in zip(step.requests, step.ends_tokens)
-            if ends and r.pooling_params is None
-        ]
-        if len(sampling) != len(output.sampled_token_ids):
+        """Apply a step's results in one pass over its requests: each whose chunk ended its
+        tokens takes its result (`Scheduler.take_result`), and each with something to show
+        gets an update. One finished while the step ran (aborted, or ended by the step
+        before) shows nothing."""
+        sampled = output.sampled_token_ids
+        if len(sampled) != step.num_sampled:
             raise RuntimeError(
-                f"the workers sampled {len(output.sampled_token_ids)} tokens in a step that "
-                f"asked for {len(sampling)}"
+                f"the workers sampled {len(sampled)} tokens in a step that "
+                f"asked for {step.num_sampled}"
             )
-        sampled = {r.key: t for r, t in zip(sampling, output.sampled_token_ids)}
-        logprobs = dict(zip((r.key for r in sampling), output.logprobs)) if output.logprobs else {}
-        # Finished while the step ran (aborted, or ended by the step before): nothing to show.
-        finished = RequestStatus.FINISHED
-        gone = {r.key for r in step.requests if r.status is finished}
-        self.scheduler.update(step, sampled)
-        pooled, prompt_logprobs = output.pooled, output.prompt_logprobs
+        logprobs, pooled, prompt_logprobs = output.logprobs, output.pooled, output.prompt_logprobs
+        take_result, finished = self.scheduler.take_result, RequestStatus.FINISHED
         updates = []
-        for request, slot in zip(step.requests, slots):
-            key = request.key
-            if key in gone:
+        i = 0  # the next of `sampled`: one token per sampling request, in batch order
+        for request, ends, slot in zip(step.requests, step.ends_tokens, slots):
+            token = new_logprobs = None
+            if ends and request.pooling_params is None:
+                token = sampled[i]
+                if logprobs:
+                    new_logprobs = logprobs[i]
+                i += 1
+            if request.status is finished:
                 continue
+            if ends:
+                take_result(request, token)
             if pooled and slot in pooled:
                 updates.append((request.client, self._pooled_update(request, pooled[slot])))
                 continue
-            token = sampled.get(key)
             scored = prompt_logprobs.get(slot) if prompt_logprobs else None
             if token is None and scored is None:
                 continue
@@ -225,7 +227,7 @@ class EngineCore:
                 new_token_ids=[] if token is None else [token],
                 finish_reason=request.finish_reason,
                 stop_reason=request.stop_reason,
-                new_logprobs=logprobs.get(key) if logprobs else None,
+                new_logprobs=new_logprobs,
                 prompt_logprobs=scored,
                 num_cached_tokens=request.num_cached_tokens,  # set when it was admitted
                 queue_time=request.take_queue_time(),

@@ -47,6 +47,9 @@ class KVCacheManager:
         self.req_blocks: dict[str, list[int]] = {}
         self.req_hashes: dict[str, list[bytes]] = {}  # chained hashes of the request's full blocks
         self.req_num_cached: dict[str, int] = {}  # leading blocks of the request already registered
+        # The most tokens a request may have with nothing to do here: its blocks' capacity, or
+        # one short of filling the next block it is to register (`_tokens_placed`).
+        self.req_room: dict[str, int] = {}
         self.prefix_queries = 0  # tokens looked up
         self.prefix_hits = 0  # tokens found
 
@@ -110,12 +113,13 @@ class KVCacheManager:
     ) -> bool:
         """Make room for `num_new_tokens` more tokens of `request`; False (nothing changed) if
         the pool cannot hold them."""
-        owned = self.req_blocks.get(request.key)
-        if owned is not None and not computed_blocks:  # a running request: most steps fit
+        if not computed_blocks:  # a running request: most steps fit the blocks it holds
             num_tokens = request.num_computed_tokens + num_new_tokens
-            if num_tokens <= len(owned) * self.block_size:
-                if self.enable_prefix_caching and request.writes_prefix_cache:
-                    self._cache_full_blocks(request, num_tokens)
+            if num_tokens <= self.req_room.get(request.key, -1):
+                return True  # and fill no block to register: most decode steps
+            owned = self.req_blocks.get(request.key)
+            if owned is not None and num_tokens <= len(owned) * self.block_size:
+                self._tokens_placed(request, num_tokens)  # no new block: one to register
                 return True
         computed_blocks = computed_blocks or []
         owned = self.req_blocks.get(request.key, [])
@@ -132,8 +136,7 @@ class KVCacheManager:
             owned.append(block_id)
         for _ in range(max(num_new_blocks, 0)):
             owned.append(self._take_free_block())
-        if self.enable_prefix_caching and request.writes_prefix_cache:
-            self._cache_full_blocks(request, num_computed + num_new_tokens)
+        self._tokens_placed(request, num_computed + num_new_tokens)
         return True
 
     def free(self, request: Request) -> None:
@@ -148,6 +151,7 @@ class KVCacheManager:
                     self.free_queue.move_to_end(block_id, last=False)
         self.req_hashes.pop(request.key, None)
         self.req_num_cached.pop(request.key, None)
+        self.req_room.pop(request.key, None)
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached hash; refused (False) while any block is in use (vLLM's rule).
@@ -175,6 +179,16 @@ class KVCacheManager:
         block.ref_count = 1
         return block_id
 
+    def _tokens_placed(self, request: Request, num_tokens: int) -> None:
+        """The request's first `num_tokens` tokens have their blocks: register the blocks
+        they fill, and note how far it may go before `allocate_slots` has work again."""
+        room = len(self.req_blocks[request.key]) * self.block_size
+        if self.enable_prefix_caching and request.writes_prefix_cache:
+            self._cache_full_blocks(request, num_tokens)
+            next_to_register = self.req_num_cached.get(request.key, 0)
+            room = min(room, (next_to_register + 1) * self.block_size - 1)
+        self.req_room[request.key] = room
+
     def _cache_full_blocks(self, request: Request, num_tokens: int) -> None:
         """Register the request's blocks that `num_tokens` fills, so others can share them.
 
@@ -182,7 +196,9 @@ class KVCacheManager:
         attention reads it, so a request that hits a block in the same step sees it filled.
         """
         start = self.req_num_cached.get(request.key, 0)
-        if num_tokens // self.block_size <= start:  # no block filled (most decode steps)
+        # A block is named by its tokens: with steps in flight, the last tokens of one just
+        # filled may still be placeholders, and it waits for them.
+        if min(num_tokens, request.num_tokens) // self.block_size <= start:
             return
         owned = self.req_blocks[request.key]
         hashes = self._hashes(request)

@@ -66,10 +66,12 @@ class Request:
         self.stop_reason: int | str | None = None
         limit = max_model_len - self.num_prompt_tokens
         self.max_tokens = 0
+        self.min_tokens = 0  # no stop token or EOS before this many output tokens
         self.stop_ids: set[int] = set()
         self.eos_ids: set[int] = set()
         if sampling_params is not None:
             self.max_tokens = min(sampling_params.max_tokens or limit, limit)
+            self.min_tokens = sampling_params.min_tokens
             self.stop_ids = set(sampling_params.stop_token_ids or [])
             if not sampling_params.ignore_eos:
                 self.eos_ids = set(eos_token_ids)
@@ -117,8 +119,8 @@ class Request:
     def append_token(self, token_id: int) -> bool:
         """Add a sampled token; return True when it finishes the request."""
         self.token_ids.append(token_id)
-        n = self.num_output_tokens
-        if n >= self.sampling_params.min_tokens:
+        n = len(self.token_ids) - self.num_prompt_tokens  # `num_output_tokens`
+        if n >= self.min_tokens:
             if token_id in self.eos_ids:
                 self.finish_reason, self.stop_reason = "stop", None
                 return True

@@ -43,6 +43,12 @@ class ScheduledStep:
     def total_tokens(self) -> int:
         return sum(self.num_tokens)
 
+    @property
+    def num_sampled(self) -> int:
+        """Requests the workers sample a token for: chunks that end their tokens, but for
+        pooling requests."""
+        return sum(self.ends_tokens) - len(self.pooled)
+
 
 class Scheduler:
     def __init__(
@@ -222,27 +228,31 @@ class Scheduler:
         self.num_preemptions += 1
 
     def update(self, step: ScheduledStep, sampled: dict[str, int]) -> list[Request]:
-        """Take a step's results: append sampled tokens (in place of their placeholders) and
-        return the requests that finished (a pooling request finishes in the step that ends
-        its prompt; its blocks went back when that step was sent, `release_pooled`). A
-        request finished meanwhile (aborted, or ended by an earlier step while this one was
-        in flight) takes nothing: its token is never seen. One preempted meanwhile keeps its
-        token: it was sampled from its real context."""
+        """Take a step's results (`sampled`: key -> token) and return the requests that
+        finished. A request finished meanwhile (aborted, or ended by an earlier step while
+        this one was in flight) takes nothing: its token is never seen. One preempted
+        meanwhile keeps its token: it was sampled from its real context. (`EngineCore`
+        calls `take_result` itself, in the same pass that builds the updates.)"""
         finished = []
         for request, ends in zip(step.requests, step.ends_tokens):
-            if not ends or request.status is RequestStatus.FINISHED:
-                continue
-            if request.pooling_params is not None:
-                request.finish_reason = "stop"
-                finished.append(request)
-                continue
-            request.num_output_placeholders -= 1
-            token = sampled.get(request.key)
-            if token is not None and request.append_token(token):
-                finished.append(request)
-        for request in finished:
-            self.finish(request, request.finish_reason or "stop")
+            if ends and request.status is not RequestStatus.FINISHED:
+                if self.take_result(request, sampled.get(request.key)):
+                    finished.append(request)
         return finished
+
+    def take_result(self, request: Request, token: int | None) -> bool:
+        """The result of a step whose chunk ended `request`'s tokens, for a request not
+        finished since: a pooling request is done (its blocks went back when that step was
+        sent, `release_pooled`); a generating one takes its sampled token in place of its
+        placeholder, and may finish. True if it finished."""
+        if request.pooling_params is not None:
+            request.finish_reason = "stop"
+        else:
+            request.num_output_placeholders -= 1
+            if token is None or not request.append_token(token):
+                return False
+        self.finish(request, request.finish_reason or "stop")
+        return True
 
     def stats(self) -> SchedulerStats:
         return SchedulerStats(

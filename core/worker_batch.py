@@ -54,11 +54,12 @@ class WorkerBatch:
             return ExecuteModel(), []
         message = ExecuteModel(finished_slots=self._finished, preempted_slots=self._preempted)
         self._finished, self._preempted = [], []
+        slot_of, blocks_sent, block_ids_of = self.slots, self.blocks_sent, self.kv.block_ids
         for request, num_tokens in zip(step.requests, step.num_tokens):
             key = request.key
-            slot = self.slots.get(key)
+            slot = slot_of.get(key)
             if slot is None:
-                slot = self.slots[key] = self._take_slot()
+                slot = slot_of[key] = self._take_slot()
                 message.new_requests.append(
                     NewRequest(
                         slot=slot,
@@ -67,17 +68,15 @@ class WorkerBatch:
                         pooling_params=request.pooling_params,
                     )
                 )
-            sent = self.blocks_sent.get(key)
+            sent = blocks_sent.get(key)
             if sent is None:  # (re)enters the batch: from its prefix-cache hit, no blocks yet
                 computed_before = request.num_computed_tokens - num_tokens  # counted at schedule
                 message.started.append(SlotStart(slot, computed_before))
-                sent = 0
-            block_ids = self.kv.block_ids(request)
-            if len(block_ids) > sent:
+                sent = blocks_sent[key] = 0
+            block_ids = block_ids_of(request)
+            if len(block_ids) > sent:  # most decode steps take no new block
                 message.new_block_ids.append(NewBlocks(slot, block_ids[sent:]))
-                self.blocks_sent[key] = len(block_ids)
-            else:
-                self.blocks_sent[key] = sent
+                blocks_sent[key] = len(block_ids)
             message.slots.append(slot)
         message.num_scheduled_tokens = step.num_tokens
         return message, message.slots
