@@ -24,6 +24,7 @@ from zllm.core.engine_core import EngineCore
 from zllm.core.executor import Executor
 from zllm.protocol.config import EngineArgs, ModelConfig
 from zllm.protocol.messages import AddRequest, StepOutputs, encode
+from zllm.protocol.process import freeze_startup_heap
 from zllm.protocol.sampling_params import SamplingParams
 from zllm.protocol.worker_messages import ExecuteModel, ModelOutput
 from zllm.protocol.worker_messages import encode as encode_for_workers
@@ -70,6 +71,7 @@ def run(num_requests: int, prompt_len: int, steps: int, shape: str) -> dict:
     config = ModelConfig.from_path(str(model), max_model_len=max_len)
     blocks = num_requests * (-(-max_len // args.block_size))
     core = EngineCore(args, config, InstantExecutor(blocks))
+    freeze_startup_heap()  # as engine-core's process does once it has started
     params = SamplingParams(max_tokens=steps + 8, temperature=0.0, ignore_eos=True)
     for i in range(num_requests):
         prompt = [(7 * i + j) % 1000 + 3 for j in range(prompt_len)]
