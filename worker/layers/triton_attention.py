@@ -3,12 +3,13 @@
 Per layer: one launch that rotates q and k (rotary) and writes k, v into the cache, one
 extend launch for every chunk of more than one token, and the decode launch (split, plus a
 merge when a sequence's context is split over several programs) for every single-token
-chunk; a phase with nothing to do launches an empty grid. The step's metadata lives in device buffers allocated once
-at their largest (`max_num_seqs`, `max_num_batched_tokens`, blocks for `max_model_len`) and
-filled in place from one pinned host tensor: the kernels always read the same addresses,
-which is what capturing a decode step in a CUDA graph needs (`worker/cuda_graphs.py`). A
-captured step fixes its launch sizes, so `build_metadata(inputs, pad_to=n)` lays a decode
-batch out as `n` rows: the padded rows write no KV (slot -1) and attend to one key.
+chunk; a phase with nothing to do launches an empty grid. The step's metadata lives in
+device buffers allocated once at their largest (`max_num_seqs`, `max_num_batched_tokens`,
+blocks for `max_model_len`) and filled in place from one pinned host tensor: the kernels
+always read the same addresses, which is what capturing a decode step in a CUDA graph needs
+(`worker/cuda_graphs.py`). A captured step fixes its launch sizes, so
+`build_metadata(inputs, pad_to=n)` lays a decode batch out as `n` rows: the padded rows
+write no KV (slot -1) and attend to one key.
 """
 
 from __future__ import annotations
