@@ -20,7 +20,6 @@ import tempfile
 import time
 
 from zllm.bench.model_source import ModelSource
-from zllm.bench.step_profile import _union_us
 
 _DEVICE_CATEGORIES = {"kernel", "gpu_memcpy", "gpu_memset"}
 # An idle gap this long is the device waiting for the host (a step launched late); shorter
@@ -48,11 +47,11 @@ def device_activity(trace_path: str) -> dict:
     clipped = [(max(a, lo), min(b, hi)) for a, b in device if b > lo and a < hi]
     steps = sum(1 for t in graph_launches if lo <= t < hi)
     span_us = hi - lo
-    gaps = _gaps_us(clipped, lo, hi)
+    gaps = _gaps_us(clipped, lo, hi)  # the window less the union of the device's activity
     long_gaps = [g for g in gaps if g >= LONG_GAP_US]
     return {
         "window_ms": round(span_us / 1000, 2),
-        "busy_share": round(_union_us(clipped) / span_us, 3),
+        "busy_share": round(1 - sum(gaps) / span_us, 3),
         "decode_steps": steps,
         "ms_per_step": round(span_us / 1000 / steps, 3) if steps else None,
         # Where the idle time is: waiting for the host, or between a step's kernels.

@@ -253,8 +253,8 @@ class ModelRunner:
         if len(rows):
             slots = np.repeat(inputs.slots, inputs.num_scheduled)[rows]
             rows_t = transfer.to_device(rows, torch.long, self.device)
-            slots_t = transfer.to_device(slots, torch.long, self.device)
-            ids_t.index_copy_(0, rows_t, self._last_sampled.index_select(0, slots_t))
+            row_slots_t = transfer.to_device(slots, torch.long, self.device)
+            ids_t.index_copy_(0, rows_t, self._last_sampled.index_select(0, row_slots_t))
 
     def _remember(
         self, slots: np.ndarray, token_ids: torch.Tensor, slots_t: torch.Tensor | None = None

@@ -119,6 +119,7 @@ def store_kv_cache(
     num_kv_heads = k.shape[1]
     if head_dim % 2:
         raise ValueError(f"head_dim must be even, got {head_dim}")
+    # Without rotary the kernel reads none of these: any tensors stand in for them.
     positions, cos, sin = rotary if rotary is not None else (slot_mapping, k_cache, k_cache)
     if rotary is not None and (cos.stride(1) != 1 or sin.stride() != cos.stride()):
         raise ValueError("cos and sin must share a layout with a contiguous last dim")
