@@ -227,22 +227,11 @@ class Scheduler:
         self._preempted_keys.append(request.key)
         self.num_preemptions += 1
 
-    def update(self, step: ScheduledStep, sampled: dict[str, int]) -> list[Request]:
-        """Take a step's results (`sampled`: key -> token) and return the requests that
-        finished. A request finished meanwhile (aborted, or ended by an earlier step while
-        this one was in flight) takes nothing: its token is never seen. One preempted
-        meanwhile keeps its token: it was sampled from its real context. (`EngineCore`
-        calls `take_result` itself, in the same pass that builds the updates.)"""
-        finished = []
-        for request, ends in zip(step.requests, step.ends_tokens):
-            if ends and request.status is not RequestStatus.FINISHED:
-                if self.take_result(request, sampled.get(request.key)):
-                    finished.append(request)
-        return finished
-
     def take_result(self, request: Request, token: int | None) -> bool:
         """The result of a step whose chunk ended `request`'s tokens, for a request not
-        finished since: a pooling request is done (its blocks went back when that step was
+        finished since (aborted, or ended by an earlier step while this one was in flight:
+        its token is never seen; one preempted meanwhile keeps its token, sampled from its
+        real context): a pooling request is done (its blocks went back when that step was
         sent, `release_pooled`); a generating one takes its sampled token in place of its
         placeholder, and may finish. True if it finished."""
         if request.pooling_params is not None:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import zlib
 
+from scheduler_results import apply_results
+
 from zllm.core.kv_cache_manager import KVCacheManager
 from zllm.core.request import Request, RequestStatus
 from zllm.core.scheduler import ScheduledStep, Scheduler
@@ -50,7 +52,7 @@ def run_step(sched: Scheduler, token: int = 7) -> tuple[ScheduledStep, dict[str,
     """One engine step with a fake model; returns the step and the chunk size per request."""
     step = sched.schedule()
     sampled = {r.key: token for r, ends in zip(step.requests, step.ends_tokens) if ends}
-    sched.update(step, sampled)
+    apply_results(sched, step, sampled)
     return step, {r.key: n for r, n in zip(step.requests, step.num_tokens)}
 
 
@@ -201,7 +203,9 @@ def test_abort_returns_blocks_and_tells_the_workers_once() -> None:
     def message() -> ExecuteModel:
         step = sched.schedule()
         built, _ = batch.build(step)
-        sched.update(step, {r.key: 7 for r, ends in zip(step.requests, step.ends_tokens) if ends})
+        apply_results(
+            sched, step, {r.key: 7 for r, ends in zip(step.requests, step.ends_tokens) if ends}
+        )
         return built
 
     a, b, c = (make_request(k, 6, max_tokens=10) for k in "abc")
@@ -230,7 +234,7 @@ def test_eos_and_max_tokens_finish_requests() -> None:
     sched.add(b)
     run_step(sched)
     step = sched.schedule()
-    finished = sched.update(step, {"a": EOS, "b": 7})
+    finished = apply_results(sched, step, {"a": EOS, "b": 7})
     assert finished == [a] and a.finish_reason == "stop"
     run_to_completion(sched)
     assert b.finish_reason == "length" and b.num_output_tokens == 5
@@ -282,8 +286,8 @@ def test_pooled_requests_leave_their_seats_and_blocks_to_the_next_step_while_in_
     assert [r.key for r in second.requests] == ["c", "d"]
     sched.release_pooled(second)
     sched.finish(requests[2], "abort")  # aborted in flight: finished, nothing else to undo
-    assert sched.update(first, {}) == requests[:2]
-    assert sched.update(second, {}) == [requests[3]]
+    assert apply_results(sched, first, {}) == requests[:2]
+    assert apply_results(sched, second, {}) == [requests[3]]
     assert [r.finish_reason for r in requests] == ["stop", "stop", "abort", "stop"]
     assert all(r.status == RequestStatus.FINISHED for r in requests)
     assert not sched.has_work() and sched.kv.num_used_blocks == 0

@@ -17,6 +17,7 @@ from hypothesis.stateful import (
     precondition,
     rule,
 )
+from scheduler_results import apply_results
 
 from zllm.core.kv_cache_manager import KVCacheManager, block_hash
 from zllm.core.request import Request, RequestStatus
@@ -157,7 +158,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             for pos in range(request.num_computed_tokens):
                 want = (request.extra_hash_key, *request.token_ids[: pos + 1])
                 assert self.kv_store.get((blocks[pos // bs], pos % bs)) == want, "read wrong KV"
-        self.ended += sched.update(step, sampled)
+        self.ended += apply_results(sched, step, sampled)
 
     def teardown(self) -> None:
         """No starvation: with no new work, everything left finishes, and nothing leaks."""

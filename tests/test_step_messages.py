@@ -7,6 +7,7 @@ step names slots and token counts, nothing that grows with the context.
 from __future__ import annotations
 
 import numpy as np
+from scheduler_results import apply_results
 
 from zllm.core.kv_cache_manager import KVCacheManager
 from zllm.core.request import Request
@@ -36,7 +37,9 @@ def _decode_messages(
         step = sched.schedule()
         message, _ = batch.build(step)
         messages.append(message)
-        sched.update(step, {r.key: 5 for r, ends in zip(step.requests, step.ends_tokens) if ends})
+        apply_results(
+            sched, step, {r.key: 5 for r, ends in zip(step.requests, step.ends_tokens) if ends}
+        )
     return messages[1:]
 
 
