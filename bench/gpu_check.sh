@@ -34,8 +34,8 @@
 #   embed    all-MiniLM-L6-v2, 10,000 sentences: zllm `LLM.embed` vs sentence-transformers
 #            `encode` (goal >= 3x); needs the model carried as .models/all-minilm-l6-v2
 #            (`python3 bench/carry_model.py` here, then carry .models)
-#   tp       (2 GPUs) Llama-3.1-8B shape: greedy first tokens TP=2 == TP=1 in float32 and
-#            killing a rank (tests/test_tensor_parallel.py, tests/test_faults.py on NCCL); bs1
+#   tp       (2 GPUs) greedy tokens TP=2 == TP=1 in float32 on tiny shapes and killing a rank
+#            (tests/test_tensor_parallel.py, tests/test_faults.py on NCCL); Llama-3.1-8B shape: bs1
 #            decode TP=1 vs TP=2 (bar: TP=2 >= 1.3x faster); 1000 x 256/256 at TP=1 and TP=2
 # Every figure is a JSON line in $OUT/results.jsonl, the full output in $OUT/<stage>.log.
 set -uo pipefail
@@ -129,8 +129,10 @@ print(write_shape('llama-3.1-8b', Path('/tmp/shape-llama-3.1-8b')))")
         run embed python3 bench/embed_throughput.py --model .models/all-minilm-l6-v2 \
             --num-sentences 10000 --device cuda ;;
     tp)
+        # token-id checkpoints only: these run where the default model cannot be fetched
         run tp python3 -m pytest -q -p no:cacheprovider tests/test_tensor_parallel.py \
-            tests/test_faults.py
+            -k "not embed"
+        run tp python3 -m pytest -q -p no:cacheprovider tests/test_faults.py -k tensor_parallel_rank
         for tp in 1 2; do
             run tp "${ZLLM[@]}" bench latency --shape llama-3.1-8b --batch-sizes 1 \
                 --input-len 128 --output-len 256 --tensor-parallel-size $tp --json

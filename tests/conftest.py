@@ -108,6 +108,14 @@ def tiny_checkpoints(tmp_path_factory, default_model_path) -> dict[str, str]:
     }
 
 
+@pytest.fixture(scope="session")
+def tiny_token_id_checkpoints(tmp_path_factory) -> dict[str, str]:
+    """The tiny shapes without a tokenizer (1000-token vocabulary): for tests that prompt with
+    token ids, which then run where the default model cannot be fetched (a GPU machine)."""
+    root = tmp_path_factory.mktemp("tiny-ids")
+    return {kind: str(build_tiny_checkpoint(kind, root / kind, None)) for kind in TINY_SHAPES}
+
+
 def pytest_configure(config) -> None:
     import torch
 

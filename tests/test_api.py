@@ -110,7 +110,10 @@ def test_streamed_outputs_have_vllm_fields(async_engine: AsyncLLM) -> None:
     assert final.prompt_token_ids == async_engine.tokenizer(prompt).input_ids
     assert final.finished and final.outputs[0].finish_reason == "length"
     assert final.outputs[0].index == 0 and len(final.outputs[0].token_ids) == 6
-    assert len(cumulative) == 6, "one output per generated token"
+    # A consumer that lags a step behind gets the steps merged (tests/test_stream_coalescing.py):
+    # at most one output per generated token, each holding more tokens than the last.
+    lengths = [len(o.outputs[0].token_ids) for o in cumulative]
+    assert lengths == sorted(set(lengths)) and lengths[0] >= 1, lengths
     for out in cumulative[:-1]:
         assert not out.finished and out.outputs[0].finish_reason is None
     for earlier, later in zip(cumulative, cumulative[1:]):

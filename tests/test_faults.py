@@ -27,9 +27,9 @@ LONG = SamplingParams(max_tokens=900, ignore_eos=True, temperature=0)
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_checkpoints, tmp_path_factory):
+def runs(tiny_token_id_checkpoints, tmp_path_factory):
     """The scenarios, each with its own TMPDIR: where its engine's socket files live."""
-    model = tiny_checkpoints["llama"]
+    model = tiny_token_id_checkpoints["llama"]
     procs = {
         name: ScenarioProcess(
             "fault_scenarios.py", name, model, env={"TMPDIR": str(tmp_path_factory.mktemp(name))}

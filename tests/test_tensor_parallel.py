@@ -1,5 +1,5 @@
-"""Tensor parallelism on the CPU (gloo): two worker processes split every layer, and the
-greedy tokens are the ones a single rank produces."""
+"""Tensor parallelism: two worker processes split every layer (gloo on the CPU, NCCL on two
+GPUs: `bench/gpu_check.sh tp`), and the greedy tokens are the ones a single rank produces."""
 
 from __future__ import annotations
 
@@ -20,15 +20,15 @@ def _generate(path: str, tp: int) -> list[list[int]]:
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("kind", ["llama", "qwen3"])
-def test_two_ranks_match_one(tiny_checkpoints: dict[str, str], kind: str) -> None:
-    single = _generate(tiny_checkpoints[kind], 1)
+def test_two_ranks_match_one(tiny_token_id_checkpoints: dict[str, str], kind: str) -> None:
+    single = _generate(tiny_token_id_checkpoints[kind], 1)
     assert all(len(t) == 16 for t in single)
-    assert _generate(tiny_checkpoints[kind], 2) == single
+    assert _generate(tiny_token_id_checkpoints[kind], 2) == single
 
 
-def test_heads_must_divide_across_ranks(tiny_checkpoints: dict[str, str]) -> None:
+def test_heads_must_divide_across_ranks(tiny_token_id_checkpoints: dict[str, str]) -> None:
     with pytest.raises(Exception, match="tensor_parallel_size=3"):
-        LLM(tiny_checkpoints["llama"], tensor_parallel_size=3, skip_tokenizer_init=True)
+        LLM(tiny_token_id_checkpoints["llama"], tensor_parallel_size=3, skip_tokenizer_init=True)
 
 
 @pytest.mark.timeout(120)
@@ -63,7 +63,7 @@ def test_an_odd_vocabulary_splits_with_padding(tmp_path) -> None:
     assert _generate(str(odd), 2) == single
 
 
-def test_each_rank_reads_only_its_shard(monkeypatch, tiny_checkpoints) -> None:
+def test_each_rank_reads_only_its_shard(monkeypatch, tiny_token_id_checkpoints) -> None:
     """Rank 1 of 2 builds its model from the safetensors file: it reads half of every split
     tensor (its slice, straight from the file) and the whole of the rest (norms)."""
     import torch
@@ -82,7 +82,7 @@ def test_each_rank_reads_only_its_shard(monkeypatch, tiny_checkpoints) -> None:
         "_to_device",
         lambda self, t: read.append(t.numel()) or to_device(self, t),
     )
-    path = tiny_checkpoints["llama"]
+    path = tiny_token_id_checkpoints["llama"]
     model = loader.load_model(ModelConfig.from_path(path), torch.device("cpu"), torch.float32)
     with safe_open(f"{path}/model.safetensors", "pt") as f:
         full = {name: f.get_tensor(name) for name in f.keys()}

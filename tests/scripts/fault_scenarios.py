@@ -1,6 +1,7 @@
 """Processes dying under a running engine, one scenario per process.
 
-`python fault_scenarios.py SCENARIO MODEL_PATH` prints JSON lines. `kill_worker`,
+`python fault_scenarios.py SCENARIO MODEL_PATH` prints JSON lines. The prompts are token ids and
+the engine loads no tokenizer, so any checkpoint will do (one without a tokenizer too). `kill_worker`,
 `kill_rank` (rank 1 of 2) and `kill_core` SIGKILL a process of a live multi-process engine while 8 streams generate and
 report how each caller learned of it; `frontend` prints its engine's pids once generation
 runs and then keeps generating until the test SIGKILLs it.
@@ -19,13 +20,20 @@ import psutil
 
 from zllm import AsyncLLM, EngineArgs, EngineDeadError, SamplingParams
 
-LONG = SamplingParams(max_tokens=900, ignore_eos=True, temperature=0)
+LONG = SamplingParams(max_tokens=900, ignore_eos=True, temperature=0, detokenize=False)
+
+
+def prompt(i: int) -> dict:
+    return {"prompt_token_ids": [10 + i, 20, 30, 40, 50]}
 
 
 def make_engine(model: str, tensor_parallel_size: int = 1) -> AsyncLLM:
     return AsyncLLM(  # "mp": real workers
         EngineArgs(
-            model=model, kv_cache_memory_bytes=2**24, tensor_parallel_size=tensor_parallel_size
+            model=model,
+            kv_cache_memory_bytes=2**24,
+            tensor_parallel_size=tensor_parallel_size,
+            skip_tokenizer_init=True,
         )
     )
 
@@ -57,7 +65,7 @@ async def kill_during_streams(engine: AsyncLLM, victim: int) -> dict:
 
     async def consume(i: int) -> dict:
         try:
-            async for out in engine.generate(f"Stream number {i} says", LONG, f"s{i}"):
+            async for out in engine.generate(prompt(i), LONG, f"s{i}"):
                 started[i].set()
                 if out.finished:
                     return {"outcome": "finished"}
@@ -79,7 +87,7 @@ async def kill_during_streams(engine: AsyncLLM, victim: int) -> dict:
     for name, call in {
         "check_health": engine.check_health,
         "get_stats": engine.get_stats,
-        "generate": lambda: anext(engine.generate("again", LONG)),
+        "generate": lambda: anext(engine.generate(prompt(8), LONG)),
     }.items():
         start = time.monotonic()
         try:
@@ -126,7 +134,7 @@ def frontend(model: str) -> None:
     async def main() -> None:
         told = False
         while True:
-            async for _ in engine.generate("Forever and ever", LONG):
+            async for _ in engine.generate(prompt(9), LONG):
                 if not told:
                     info = {"frontend": os.getpid(), "core": core, "workers": workers}
                     print(json.dumps(info), flush=True)
