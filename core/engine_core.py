@@ -202,6 +202,10 @@ class EngineCore:
                 f"asked for {step.num_sampled}"
             )
         logprobs, pooled, prompt_logprobs = output.logprobs, output.pooled, output.prompt_logprobs
+        if logprobs and len(logprobs) != len(sampled):
+            raise RuntimeError(
+                f"the workers sent logprobs for {len(logprobs)} of {len(sampled)} sampled tokens"
+            )
         take_result, finished = self.scheduler.take_result, RequestStatus.FINISHED
         updates = []
         i = 0  # the next of `sampled`: one token per sampling request, in batch order

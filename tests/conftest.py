@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import shutil
 import tempfile
@@ -90,6 +91,16 @@ def build_tiny_checkpoint(kind: str, out: Path, tokenizer_dir: str | None, seed:
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     return out
+
+
+def with_max_positions(model: str, out: Path, positions: int = 32768) -> str:
+    """A copy of `model` with room for `positions` tokens: a stream that a test must cut off
+    (a drain, a forgotten client) cannot finish first, however fast the machine (a tiny
+    model's 1,000 tokens took 3 s on CI)."""
+    shutil.copytree(model, out)
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "max_position_embeddings": positions}))
+    return str(out)
 
 
 @pytest.fixture(scope="session")

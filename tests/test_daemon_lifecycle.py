@@ -22,6 +22,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from conftest import with_max_positions
 from scripts.daemon_process import Daemon
 from scripts.raw_client import RawClient
 from scripts.scenario_process import SCRIPTS
@@ -78,24 +79,12 @@ class NotifySocket:
         self.sock.close()
 
 
-def _long_context_copy(model: str, out: Path) -> str:
-    """The tiny model with room for 32k positions: a stream that a drain must abort cannot
-    finish inside it, however fast the machine (1,000 tokens took 3 s on CI)."""
-    out.mkdir()
-    for f in Path(model).iterdir():
-        (out / f.name).symlink_to(f)
-    (out / "config.json").unlink()
-    config = json.loads((Path(model) / "config.json").read_text())
-    (out / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 32768}))
-    return str(out)
-
-
 @pytest.mark.timeout(240)
 def test_notify_watchdog_from_the_busy_loop_and_drain_on_sigterm(tiny_checkpoints, tmp_path):
     notify = NotifySocket()
     address = f"ipc://{tmp_path}/core"
     daemon = Daemon(
-        _long_context_copy(tiny_checkpoints["llama"], tmp_path / "model"),
+        with_max_positions(tiny_checkpoints["llama"], tmp_path / "model"),
         address,
         "--drain-timeout",
         "3",
