@@ -31,6 +31,10 @@
 #            worker's step alone (`zllm bench profile`) and 256 x 256/256 through LLM (tok/s)
 #   serve    Llama-3.1-8B shape behind `zllm serve` (random weights, no tokenizer): `zllm bench
 #            serve`, 1024 in / 128 out, at 4 and 16 requests/s (TTFT/TPOT p50/p99)
+#   replicas (2 GPUs) Qwen2.5-0.5B shape behind `zllm serve --replicas N`, one replica a GPU:
+#            `zllm bench serve`, 2,000 requests x 256 in / 256 out all at once, N = 1 then 2
+#            (issue 15's goal: 2 replicas >= 1.8x). REPLICAS_SHAPE / REPLICAS_PROMPTS change
+#            the shape and the count (REPLICAS_SHAPE=tiny runs it on a CPU)
 #   embed    all-MiniLM-L6-v2, 10,000 sentences: zllm `LLM.embed` vs sentence-transformers
 #            `encode` (goal >= 3x); needs the model carried as .models/all-minilm-l6-v2
 #            (`python3 bench/carry_model.py` here, then carry .models)
@@ -63,6 +67,28 @@ run() {  # run STAGE CMD...: output to $OUT/STAGE.log, JSON lines to $OUT/result
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; git log -1 --oneline; \
   python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"; \
 } > "$OUT/env.log" 2>&1
+
+write_shape() {  # write_shape SHAPE: a config-only checkpoint directory; prints its path
+    python3 -c "from pathlib import Path; from zllm.bench.shapes import write_shape
+print(write_shape('$1', Path('/tmp/shape-$1')))"
+}
+
+serve_start() {  # serve_start LOG MODEL_DIR OPTION...: random weights behind zllm serve on 8199
+    local log=$1 model=$2; shift 2
+    "${ZLLM[@]}" serve "$model" --load-format dummy --skip-tokenizer-init --port 8199 "$@" \
+        > "$OUT/$log-server.log" 2>&1 &
+    server=$!
+    for _ in $(seq 300); do
+        curl -sf http://127.0.0.1:8199/health > /dev/null && return
+        sleep 1
+    done
+    echo "zllm serve did not answer /health in 300 s (see $OUT/$log-server.log)" >&2
+}
+
+serve_stop() {
+    kill -TERM "$server"
+    wait "$server"
+}
 
 for stage in "${stages[@]}"; do
     case $stage in
@@ -110,21 +136,26 @@ for stage in "${stages[@]}"; do
         run busy "${ZLLM[@]}" bench throughput --shape qwen2.5-0.5b --num-prompts 256 \
             --input-len 256 --output-len 256 --json ;;
     serve)
-        shape_dir=$(python3 -c "from pathlib import Path; from zllm.bench.shapes import write_shape
-print(write_shape('llama-3.1-8b', Path('/tmp/shape-llama-3.1-8b')))")
-        "${ZLLM[@]}" serve "$shape_dir" --load-format dummy --skip-tokenizer-init \
-            --max-model-len 4096 --port 8199 > "$OUT/serve-server.log" 2>&1 &
-        server=$!
-        for _ in $(seq 300); do
-            curl -sf http://127.0.0.1:8199/health > /dev/null && break
-            sleep 1
-        done
+        shape_dir=$(write_shape llama-3.1-8b)
+        serve_start serve "$shape_dir" --max-model-len 4096
         for rate in 4:200 16:400; do
             run serve "${ZLLM[@]}" bench serve --base-url http://127.0.0.1:8199 \
                 --input-len 1024 --output-len 128 --vocab-size 128256 \
                 --request-rate "${rate%%:*}" --num-prompts "${rate##*:}" --json
         done
-        kill -TERM $server; wait $server ;;
+        serve_stop ;;
+    replicas)
+        shape=${REPLICAS_SHAPE:-qwen2.5-0.5b}
+        shape_dir=$(write_shape "$shape")
+        vocab=$(python3 -c "import json; print(json.load(open('$shape_dir/config.json'))['vocab_size'])")
+        for n in 1 2; do
+            serve_start "replicas-$n" "$shape_dir" --replicas $n
+            echo "{\"stage\": \"replicas\", \"replicas\": $n, \"shape\": \"$shape\"}" >> "$OUT/results.jsonl"
+            run replicas "${ZLLM[@]}" bench serve --base-url http://127.0.0.1:8199 \
+                --num-prompts "${REPLICAS_PROMPTS:-2000}" --input-len 256 --output-len 256 \
+                --vocab-size "$vocab" --json
+            serve_stop
+        done ;;
     embed)
         run embed python3 bench/embed_throughput.py --model .models/all-minilm-l6-v2 \
             --num-sentences 10000 --device cuda ;;
