@@ -147,3 +147,29 @@ def test_engine_core_sends_two_steps_ahead_of_the_results_it_waits_for(tmp_path)
     assert len(tokens) == GREEDY.max_tokens  # no token past max_tokens, none lost
     assert executor.calls[:5] == ["submit", "submit", "submit", "wait", "submit"]
     assert executor.calls.count("submit") == GREEDY.max_tokens  # not one step too many
+
+
+def test_engine_core_names_a_reply_whose_logprobs_miss_tokens(tmp_path) -> None:
+    """Logprobs come one per sampled token (None where none was asked): a reply with fewer is
+    an error that says so, not a token paired with another token's logprobs."""
+    from zllm.bench.core_step import InstantExecutor
+    from zllm.bench.shapes import write_shape
+    from zllm.core.engine_core import EngineCore
+    from zllm.protocol.config import EngineArgs, ModelConfig
+    from zllm.protocol.messages import AddRequest
+
+    class Short(InstantExecutor):
+        def submit(self, step) -> None:
+            super().submit(step)
+            self._outputs[-1].logprobs = [None] * (len(step.slots) - 1)
+
+    path = str(write_shape("tiny", tmp_path / "tiny"))
+    args = EngineArgs(model=path, max_model_len=256, skip_tokenizer_init=True)
+    core = EngineCore(args, ModelConfig.from_path(path, max_model_len=256), Short(64))
+    for i in range(2):
+        core.add_request(
+            b"c", AddRequest(request_id=f"r{i}", prompt_token_ids=[7] * 8, sampling_params=GREEDY)
+        )
+    with pytest.raises(RuntimeError, match="logprobs for 1 of 2 sampled tokens"):
+        while core.has_work():
+            core.step()
