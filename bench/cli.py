@@ -103,6 +103,12 @@ def add_bench_parser(sub) -> None:
         help="requests per second, Poisson arrivals (default: inf, all at once)",
     )
     srv.add_argument("--max-concurrency", type=int, help="at most this many requests in flight")
+    srv.add_argument(
+        "--no-stream",
+        dest="stream",
+        action="store_false",
+        help="whole completions: throughput and end-to-end latency, no TTFT/TPOT/ITL",
+    )
     srv.add_argument("--seed", type=int, default=0, help="prompts and arrival times")
     srv.add_argument("--timeout", type=float, default=600.0, help="seconds a stream may stall")
     srv.add_argument("--json", action="store_true", help="one JSON document on stdout")

@@ -32,7 +32,8 @@
 #   serve    Llama-3.1-8B shape behind `zllm serve` (random weights, no tokenizer): `zllm bench
 #            serve`, 1024 in / 128 out, at 4 and 16 requests/s (TTFT/TPOT p50/p99)
 #   replicas (2 GPUs) Qwen2.5-0.5B shape behind `zllm serve --replicas N`, one replica a GPU:
-#            `zllm bench serve`, 2,000 requests x 256 in / 256 out all at once, N = 1 then 2
+#            `zllm bench serve --no-stream` (whole completions: no SSE chunk per token to
+#            parse), 2,000 requests x 256 in / 256 out all at once, N = 1 then 2
 #            (issue 15's goal: 2 replicas >= 1.8x). REPLICAS_SHAPE / REPLICAS_PROMPTS change
 #            the shape and the count (REPLICAS_SHAPE=tiny runs it on a CPU)
 #   embed    all-MiniLM-L6-v2, 10,000 sentences: zllm `LLM.embed` vs sentence-transformers
@@ -49,7 +50,7 @@ mkdir -p "$OUT"
 if ! python3 -c "import msgspec, zmq" 2>/dev/null; then
     source bench/device_setup.sh
 else
-    python3 -m pip install -q --no-deps --no-build-isolation --no-compile --target /tmp/site . \
+    python3 -m pip install -q --no-deps --no-build-isolation --no-compile --upgrade --target /tmp/site . \
         && export PYTHONPATH=/tmp/site
 fi
 export PYTHONUNBUFFERED=1
@@ -153,7 +154,7 @@ for stage in "${stages[@]}"; do
             echo "{\"stage\": \"replicas\", \"replicas\": $n, \"shape\": \"$shape\"}" >> "$OUT/results.jsonl"
             run replicas "${ZLLM[@]}" bench serve --base-url http://127.0.0.1:8199 \
                 --num-prompts "${REPLICAS_PROMPTS:-2000}" --input-len 256 --output-len 256 \
-                --vocab-size "$vocab" --json
+                --vocab-size "$vocab" --no-stream --json
             serve_stop
         done ;;
     embed)

@@ -4,7 +4,9 @@ latency (p50/p90/p99), request and token throughput.
 
 Requests go to `/v1/completions`, streamed, with `continuous_usage_stats` so every chunk
 says how many tokens it carries; EOS is ignored so each request makes exactly its output
-length. Arrivals are a Poisson process at `--request-rate` (inf: all at once), optionally
+length. `--no-stream` asks for whole completions instead: throughput and end-to-end latency
+only, without a chunk per token (whose parsing, in the client and the server, would bound
+the figure for a small model on fast GPUs). Arrivals are a Poisson process at `--request-rate` (inf: all at once), optionally
 capped at `--max-concurrency` requests in flight. Prompts are random token ids of random
 lengths, or ShareGPT conversations (`--dataset sharegpt --dataset-path FILE`: the first
 turn is the prompt, the token count of the reply is the output length).
@@ -105,48 +107,67 @@ async def sharegpt_requests(
     return requests
 
 
-async def send(server: Server, model: str, request: BenchRequest) -> RequestResult:
+async def send(
+    server: Server, model: str, request: BenchRequest, stream: bool = True
+) -> RequestResult:
     body = {
         "model": model,
         "prompt": request.prompt,
         "max_tokens": request.output_len,
         "ignore_eos": True,
         "temperature": 0.0,
-        "stream": True,
-        "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+        "stream": stream,
     }
+    if stream:
+        body["stream_options"] = {"include_usage": True, "continuous_usage_stats": True}
     result = RequestResult()
-    start = last = time.perf_counter()
+    start = time.perf_counter()
     url = server.base_url + "/v1/completions"
     try:
         async with server.session.post(url, json=body, headers=server.headers) as response:
             if response.status != 200:
                 result.error = f"HTTP {response.status}: {(await response.text())[:200]}"
                 return result
-            async for line in response.content:
-                if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                if "error" in chunk:
-                    result.error = chunk["error"].get("message", "error event")
+            if stream:
+                await _read_chunks(response, result, start)
+                if result.error:
                     return result
-                usage = chunk.get("usage") or {}
-                tokens = usage.get("completion_tokens", result.output_tokens)
-                now = time.perf_counter()
-                if chunk.get("choices") and tokens > result.output_tokens:
-                    if result.output_tokens == 0:
-                        result.ttft = now - start
-                    else:
-                        result.itl.append(now - last)
-                    last = now
-                result.output_tokens = tokens
-                result.prompt_tokens = usage.get("prompt_tokens", result.prompt_tokens)
+            else:
+                usage = (await response.json())["usage"]
+                result.output_tokens = usage["completion_tokens"]
+                result.prompt_tokens = usage["prompt_tokens"]
     except aiohttp.ClientError as e:
         result.error = f"{type(e).__name__}: {e}"
         return result
     result.latency = time.perf_counter() - start
     result.ok = result.output_tokens > 0
     return result
+
+
+async def _read_chunks(
+    response: aiohttp.ClientResponse, result: RequestResult, start: float
+) -> None:
+    """Time each chunk that brings tokens: the first one's arrival is the TTFT, the gaps
+    between the later ones the inter-token latencies."""
+    last = start
+    async for line in response.content:
+        if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
+            continue
+        chunk = json.loads(line[6:])
+        if "error" in chunk:
+            result.error = chunk["error"].get("message", "error event")
+            return
+        usage = chunk.get("usage") or {}
+        tokens = usage.get("completion_tokens", result.output_tokens)
+        now = time.perf_counter()
+        if chunk.get("choices") and tokens > result.output_tokens:
+            if result.output_tokens == 0:
+                result.ttft = now - start
+            else:
+                result.itl.append(now - last)
+            last = now
+        result.output_tokens = tokens
+        result.prompt_tokens = usage.get("prompt_tokens", result.prompt_tokens)
 
 
 async def run_load(
@@ -156,15 +177,16 @@ async def run_load(
     request_rate: float,
     max_concurrency: int | None,
     seed: int,
+    stream: bool = True,
 ) -> tuple[list[RequestResult], float]:
     limit = asyncio.Semaphore(max_concurrency) if max_concurrency else None
     rng = random.Random(seed)
 
     async def one(request: BenchRequest) -> RequestResult:
         if limit is None:
-            return await send(server, model, request)
+            return await send(server, model, request, stream)
         async with limit:
-            return await send(server, model, request)
+            return await send(server, model, request, stream)
 
     start = time.perf_counter()
     tasks = []
@@ -183,7 +205,11 @@ def _stats_ms(values: list[float]) -> dict[str, float]:
     return {"mean": round(float(ms.mean()), 3), **{f"p{p}": round(float(np.percentile(ms, p)), 3) for p in PERCENTILES}}  # fmt: skip
 
 
-def summarize(results: list[RequestResult], duration: float) -> dict[str, Any]:
+def summarize(
+    results: list[RequestResult], duration: float, streamed: bool = True
+) -> dict[str, Any]:
+    """Throughput and latencies of the requests that completed; time to first token and
+    between tokens only when the tokens were streamed (None otherwise)."""
     done = [r for r in results if r.ok]
     output_tokens = sum(r.output_tokens for r in done)
     prompt_tokens = sum(r.prompt_tokens for r in done)
@@ -198,9 +224,9 @@ def summarize(results: list[RequestResult], duration: float) -> dict[str, Any]:
         "total_token_throughput": round((prompt_tokens + output_tokens) / duration, 3),
         "prompt_tokens": prompt_tokens,
         "output_tokens": output_tokens,
-        "ttft_ms": _stats_ms([r.ttft for r in done]),
-        "tpot_ms": _stats_ms(tpot),
-        "itl_ms": _stats_ms([t for r in done for t in r.itl]),
+        "ttft_ms": _stats_ms([r.ttft for r in done]) if streamed else None,
+        "tpot_ms": _stats_ms(tpot) if streamed else None,
+        "itl_ms": _stats_ms([t for r in done for t in r.itl]) if streamed else None,
         "e2e_ms": _stats_ms([r.latency for r in done]),
     }
 
@@ -229,7 +255,7 @@ async def bench(ns) -> dict[str, Any]:
                 ns.seed,
             )
         results, duration = await run_load(
-            server, model, requests, ns.request_rate, ns.max_concurrency, ns.seed
+            server, model, requests, ns.request_rate, ns.max_concurrency, ns.seed, ns.stream
         )
     return {
         "model": model,
@@ -239,11 +265,12 @@ async def bench(ns) -> dict[str, Any]:
             "requests": len(requests),
             "request_rate": ns.request_rate if math.isfinite(ns.request_rate) else "inf",
             "max_concurrency": ns.max_concurrency,
+            "stream": ns.stream,
             "input_len": [min(r.prompt_len for r in requests), max(r.prompt_len for r in requests)],
             "output_len": [
                 min(r.output_len for r in requests),
                 max(r.output_len for r in requests),
             ],
         },
-        "results": [summarize(results, duration)],
+        "results": [summarize(results, duration, ns.stream)],
     }

@@ -468,6 +468,7 @@ def test_bench_serve_runs_against_the_server(server, tmp_path):
     runs = {
         "random": ["--input-len", "8:16", "--output-len", "4", "--request-rate", "20"],
         "sharegpt": ["--dataset", "sharegpt", "--dataset-path", str(sharegpt), "--max-concurrency", "2"],
+        "whole": ["--input-len", "8", "--output-len", "5", "--no-stream"],
     }  # fmt: skip
     for name, args in runs.items():
         out = subprocess.run(
@@ -482,7 +483,13 @@ def test_bench_serve_runs_against_the_server(server, tmp_path):
         (r,) = doc["results"]
         assert r["completed"] == 4 and r["failed"] == 0, (name, r)
         assert r["request_throughput"] > 0 and r["output_token_throughput"] > 0
+        assert r["e2e_ms"]["p50"] > 0 and doc["workload"]["stream"] == (name != "whole")
         for metric in ("ttft_ms", "tpot_ms", "itl_ms"):
-            assert set(r[metric]) == {"mean", "p50", "p90", "p99"} and r[metric]["p50"] > 0
+            if name == "whole":  # no chunks to time
+                assert r[metric] is None
+            else:
+                assert set(r[metric]) == {"mean", "p50", "p90", "p99"} and r[metric]["p50"] > 0
         if name == "random":
             assert r["output_tokens"] == 16
+        if name == "whole":
+            assert r["output_tokens"] == 20 and r["prompt_tokens"] == 32
