@@ -1,10 +1,11 @@
 """Processes dying under a running engine, one scenario per process.
 
-`python fault_scenarios.py SCENARIO MODEL_PATH` prints JSON lines. The prompts are token ids and
-the engine loads no tokenizer, so any checkpoint will do (one without a tokenizer too). `kill_worker`,
-`kill_rank` (rank 1 of 2) and `kill_core` SIGKILL a process of a live multi-process engine while 8 streams generate and
-report how each caller learned of it; `frontend` prints its engine's pids once generation
-runs and then keeps generating until the test SIGKILLs it.
+`python fault_scenarios.py SCENARIO MODEL_PATH` prints JSON lines. `kill_worker`, `kill_rank`
+(rank 1 of 2) and `kill_core` SIGKILL a process of a live multi-process engine while 8
+streams generate and report how each caller learned of it; `frontend` prints its engine's
+pids once generation runs and then keeps generating until the test SIGKILLs it. The prompts
+are token ids and the engine loads no tokenizer, so any checkpoint will do (one without a
+tokenizer too: a GPU machine cannot fetch the default model's).
 """
 
 from __future__ import annotations
