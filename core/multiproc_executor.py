@@ -229,12 +229,14 @@ class MultiprocExecutor(Executor):
         if self._closed:
             return
         self._closed = True
+        grace = 0.0  # a rank is gone: the others wait in a collective that cannot end
         if all(p.poll() is None for p in self.procs) and self.procs:
+            grace = 5.0
             try:
                 self._send_all(WorkerCall(call_id=next(self.call_ids), method="shutdown"))
             except zmq.ZMQError:
                 pass
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + grace
         for proc in self.procs:
             try:
                 proc.wait(max(0.1, deadline - time.monotonic()))

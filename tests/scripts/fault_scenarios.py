@@ -61,7 +61,8 @@ def wait_gone(pids: list[int], timeout: float) -> float | None:
     return None
 
 
-async def kill_during_streams(engine: AsyncLLM, victim: int) -> dict:
+async def kill_during_streams(engine: AsyncLLM, victim: int, stuck: int | None = None) -> dict:
+    """SIGKILL `victim` while 8 streams run (after SIGSTOPping `stuck`, if given)."""
     started = [asyncio.Event() for _ in range(8)]
 
     async def consume(i: int) -> dict:
@@ -76,6 +77,8 @@ async def kill_during_streams(engine: AsyncLLM, victim: int) -> dict:
 
     tasks = [asyncio.create_task(consume(i)) for i in range(8)]
     await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), 60)
+    if stuck is not None:
+        os.kill(stuck, signal.SIGSTOP)
     killed_at = time.monotonic()
     os.kill(victim, signal.SIGKILL)
     results = await asyncio.wait_for(asyncio.gather(*tasks), 30)
@@ -109,10 +112,12 @@ def kill_worker(model: str) -> dict:
 
 
 def kill_rank(model: str) -> dict:
-    """Tensor parallel: SIGKILL rank 1 (rank 0 is then stuck in a collective)."""
+    """Tensor parallel: SIGKILL rank 1 while rank 0 is stuck. On NCCL rank 0 then spins in
+    a collective that never ends (gloo would fail it after a while): SIGSTOP makes the CPU
+    run the same, a rank that answers nothing and exits only when killed."""
     engine = make_engine(model, tensor_parallel_size=2)
     core, workers = engine_pids(engine)
-    result = asyncio.run(kill_during_streams(engine, workers[1]))
+    result = asyncio.run(kill_during_streams(engine, workers[1], stuck=workers[0]))
     result["all_gone_s"] = wait_gone([core, *workers], 10)
     engine.shutdown()
     return result
