@@ -1,7 +1,8 @@
 """`zllm bench latency`: for each batch size b, b random prompts sent together through
 `AsyncLLM` (streamed): time to first token, then decode speed per stream and in all.
 
-TTFT is measured from sending to each stream's first token (mean over the batch); decode
+TTFT is measured from sending to each stream's first token (mean over the batch), on prompts
+no earlier request cached (`cached_prompt_tokens` says how many were found cached); decode
 tok/s per stream is (tokens - 1) / (last token - first token), averaged; total decode tok/s
 is b times that. The transformers peer (`generate`, batch b) reports the same: its TTFT is a
 `max_new_tokens=1` call, its decode time the full call minus that.
@@ -31,17 +32,24 @@ async def _stream(engine, prompt: list[int], output_len: int, request_id: str):
     )
     start = time.perf_counter()
     first = None
-    tokens = 0
+    tokens = cached = 0
     async for out in engine.generate({"prompt_token_ids": prompt}, params, request_id):
         if out.outputs[0].token_ids and first is None:
             first = time.perf_counter()
         tokens += len(out.outputs[0].token_ids)
-    return first - start, time.perf_counter() - first, tokens
+        cached = out.num_cached_tokens or 0
+    return first - start, time.perf_counter() - first, tokens, cached
 
 
-def _row(engine: str, batch: int, ttft: list[float], decode: list[tuple[float, int]]) -> dict:
+def _row(
+    engine: str,
+    batch: int,
+    ttft: list[float],
+    decode: list[tuple[float, int]],
+    cached: int | None = None,
+) -> dict:
     per_stream = statistics.mean((n - 1) / s for s, n in decode)
-    return {
+    row = {
         "engine": engine,
         "batch": batch,
         "ttft_ms": round(1000 * statistics.mean(ttft), 2),
@@ -49,6 +57,9 @@ def _row(engine: str, batch: int, ttft: list[float], decode: list[tuple[float, i
         "decode_tok_s": round(batch * per_stream, 1),
         "ms_per_token": round(1000 / per_stream, 2),
     }
+    if cached is not None:  # prompt tokens found in the prefix cache: 0 for a true prefill
+        row["cached_prompt_tokens"] = cached
+    return row
 
 
 def run_zllm(
@@ -68,9 +79,15 @@ def run_zllm(
         )
     )
     rows = []
+
+    def prompts_for(b: int, seed: int) -> list[list[int]]:
+        return random_workload(b, (input_len, input_len), (1, 1), vocab, seed=seed).prompts
+
+    # A batch of 1 warms up first, on a prompt of its own: one the warm-up had cached would
+    # time a prefix-cache hit instead of a prefill.
+    plan = [(1, prompts_for(1, seed=0)), *((b, prompts_for(b, seed=b)) for b in batches)]
     try:
-        for b in [1, *batches]:  # the first batch of 1 is the warm-up
-            prompts = random_workload(b, (input_len, input_len), (1, 1), vocab, seed=b).prompts
+        for b, prompts in plan:
 
             async def batch(prompts=prompts, b=b):
                 return await asyncio.gather(
@@ -78,7 +95,8 @@ def run_zllm(
                 )
 
             results = run_async(batch())
-            rows.append(_row("zllm", b, [r[0] for r in results], [(r[1], r[2]) for r in results]))
+            ttft, decode = [r[0] for r in results], [(r[1], r[2]) for r in results]
+            rows.append(_row("zllm", b, ttft, decode, sum(r[3] for r in results)))
     finally:
         engine.shutdown()
     return rows[1:]
