@@ -20,6 +20,7 @@ import tempfile
 import time
 
 from zllm.bench.model_source import ModelSource
+from zllm.bench.step_profile import idle_gaps_us
 
 _DEVICE_CATEGORIES = {"kernel", "gpu_memcpy", "gpu_memset"}
 # An idle gap this long is the device waiting for the host (a step launched late); shorter
@@ -47,7 +48,7 @@ def device_activity(trace_path: str) -> dict:
     clipped = [(max(a, lo), min(b, hi)) for a, b in device if b > lo and a < hi]
     steps = sum(1 for t in graph_launches if lo <= t < hi)
     span_us = hi - lo
-    gaps = _gaps_us(clipped, lo, hi)  # the window less the union of the device's activity
+    gaps = idle_gaps_us(clipped, lo, hi)  # the window less the union of the device's activity
     long_gaps = [g for g in gaps if g >= LONG_GAP_US]
     return {
         "window_ms": round(span_us / 1000, 2),
@@ -59,18 +60,6 @@ def device_activity(trace_path: str) -> dict:
         "idle_share_short_gaps": round((sum(gaps) - sum(long_gaps)) / span_us, 3),
         "long_gaps": len(long_gaps),
     }
-
-
-def _gaps_us(intervals: list[tuple[float, float]], lo: float, hi: float) -> list[float]:
-    """The idle stretches of [lo, hi] that no interval covers."""
-    gaps, end = [], lo
-    for a, b in sorted(intervals):
-        if a > end:
-            gaps.append(a - end)
-        end = max(end, b)
-    if hi > end:
-        gaps.append(hi - end)
-    return gaps
 
 
 async def _run(

@@ -20,13 +20,24 @@ from torch.profiler import ProfilerActivity, profile
 from zllm.bench.model_source import ModelSource
 
 
-def _union_us(intervals: list[tuple[float, float]]) -> float:
-    total, end = 0.0, float("-inf")
+def idle_gaps_us(intervals: list[tuple[float, float]], lo: float, hi: float) -> list[float]:
+    """The stretches of [lo, hi] that no interval covers."""
+    gaps, end = [], lo
     for a, b in sorted(intervals):
-        if b > end:
-            total += b - max(a, end)
-            end = b
-    return total
+        if a > end:
+            gaps.append(a - end)
+        end = max(end, b)
+    if hi > end:
+        gaps.append(hi - end)
+    return gaps
+
+
+def _union_us(intervals: list[tuple[float, float]]) -> float:
+    """The time at least one interval covers."""
+    if not intervals:
+        return 0.0
+    lo, hi = min(a for a, _ in intervals), max(b for _, b in intervals)
+    return hi - lo - sum(idle_gaps_us(intervals, lo, hi))
 
 
 def _top(kernels: list, steps: int, n: int) -> list[dict]:
