@@ -98,46 +98,38 @@ def test_no_token_past_a_stop_string(tiny_checkpoints) -> None:
         assert stop not in shorter.outputs[0].text
 
 
-def test_engine_core_sends_two_steps_ahead_of_the_results_it_waits_for(tmp_path) -> None:
-    """Engine-core waits for step N's results only once steps N+1 and N+2 are sent: the
-    worker then always has a step queued behind the one the device runs."""
-    from collections import deque
-
+def _core(tmp_path, executor):
+    """An engine-core over `executor` for the tiny shape (no workers, no model)."""
     from zllm.bench.shapes import write_shape
     from zllm.core.engine_core import EngineCore
-    from zllm.core.executor import Executor
     from zllm.protocol.config import EngineArgs, ModelConfig
-    from zllm.protocol.messages import AddRequest
-    from zllm.protocol.worker_messages import ModelOutput
-
-    class Recording(Executor):
-        num_kv_blocks = 64
-
-        def __init__(self) -> None:
-            self.calls: list[str] = []
-            self.outputs: deque[ModelOutput] = deque()
-
-        def submit(self, step) -> None:
-            self.calls.append("submit")
-            self.outputs.append(ModelOutput(sampled_token_ids=[5] * len(step.slots)))
-
-        def get_output(self) -> ModelOutput:
-            self.calls.append("wait")
-            return self.outputs.popleft()
-
-        def collective_rpc(self, method, *args, kwargs=None, timeout_s=None) -> list:
-            return []
-
-        def check_health(self) -> None: ...
-
-        def ping(self, timeout_s: float) -> None: ...
-
-        def shutdown(self) -> None: ...
 
     path = str(write_shape("tiny", tmp_path / "tiny"))
     args = EngineArgs(model=path, max_model_len=256, skip_tokenizer_init=True)
+    return EngineCore(args, ModelConfig.from_path(path, max_model_len=256), executor)
+
+
+def test_engine_core_sends_two_steps_ahead_of_the_results_it_waits_for(tmp_path) -> None:
+    """Engine-core waits for step N's results only once steps N+1 and N+2 are sent: the
+    worker then always has a step queued behind the one the device runs."""
+    from zllm.bench.core_step import InstantExecutor
+    from zllm.protocol.messages import AddRequest
+
+    class Recording(InstantExecutor):
+        def __init__(self) -> None:
+            super().__init__(num_kv_blocks=64)
+            self.calls: list[str] = []
+
+        def submit(self, step) -> None:
+            self.calls.append("submit")
+            super().submit(step)
+
+        def get_output(self):
+            self.calls.append("wait")
+            return super().get_output()
+
     executor = Recording()
-    core = EngineCore(args, ModelConfig.from_path(path, max_model_len=256), executor)
+    core = _core(tmp_path, executor)
     core.add_request(
         b"c", AddRequest(request_id="r", prompt_token_ids=[7] * 8, sampling_params=GREEDY)
     )
@@ -153,9 +145,6 @@ def test_engine_core_names_a_reply_whose_logprobs_miss_tokens(tmp_path) -> None:
     """Logprobs come one per sampled token (None where none was asked): a reply with fewer is
     an error that says so, not a token paired with another token's logprobs."""
     from zllm.bench.core_step import InstantExecutor
-    from zllm.bench.shapes import write_shape
-    from zllm.core.engine_core import EngineCore
-    from zllm.protocol.config import EngineArgs, ModelConfig
     from zllm.protocol.messages import AddRequest
 
     class Short(InstantExecutor):
@@ -163,9 +152,7 @@ def test_engine_core_names_a_reply_whose_logprobs_miss_tokens(tmp_path) -> None:
             super().submit(step)
             self._outputs[-1].logprobs = [None] * (len(step.slots) - 1)
 
-    path = str(write_shape("tiny", tmp_path / "tiny"))
-    args = EngineArgs(model=path, max_model_len=256, skip_tokenizer_init=True)
-    core = EngineCore(args, ModelConfig.from_path(path, max_model_len=256), Short(64))
+    core = _core(tmp_path, Short(64))
     for i in range(2):
         core.add_request(
             b"c", AddRequest(request_id=f"r{i}", prompt_token_ids=[7] * 8, sampling_params=GREEDY)
